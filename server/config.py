@@ -1,0 +1,96 @@
+"""Validated configuration: one dataclass per process role, passed whole.
+
+EngineConfig is everything the engine (model, KV cache, scheduler, adapters) needs;
+ServerConfig adds the HTTP side. Validation raises ConfigError with the offending value.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+QUANTIZATIONS = ("nf4", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"            # a folder of HF safetensors, a .gguf file, or "default"
+    quantization: str = "nf4"         # nf4: decoder linears in bitsandbytes NF4; none: 16/32-bit
+    dtype: str = "auto"               # compute dtype; auto = float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"              # auto = cuda when available, else cpu
+    block_size: int = 16              # tokens per KV block
+    num_kv_blocks: int = 0            # 0 = size the pool from kv_cache_tokens
+    kv_cache_tokens: int = 32768      # KV pool size in tokens when num_kv_blocks is 0
+    max_num_seqs: int = 32            # most sequences in one step
+    max_num_batched_tokens: int = 2048  # most tokens (prefill + decode) in one step
+    max_model_len: int = 0            # 0 = the model's context length
+    adapters_dir: str = "adapters"
+    max_loras: int = 8                # distinct adapters resident on the device (and per batch)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 64           # adapters kept in host memory
+    lora_wait_steps: int = 8          # a waiting adapter is admitted within this many steps
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
+                     "max_loras", "max_lora_rank", "max_cpu_loras", "lora_wait_steps"):
+            _positive(name, getattr(self, name))
+        if self.num_kv_blocks < 0 or self.max_model_len < 0:
+            raise ConfigError("num_kv_blocks and max_model_len must be >= 0")
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> "torch.dtype":  # noqa: F821
+        import torch
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device() == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: str = ""                # path to the api-keys file; empty = open server
+    max_queue: int = 256              # waiting requests beyond this get 429
+    max_n: int = 8                    # largest `n` a request may ask for
+    drain_timeout: float = 30.0       # seconds SIGTERM waits for in-flight requests
+
+    def __post_init__(self) -> None:
+        if not (0 < self.port < 65536):
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        _positive("max_queue", self.max_queue)
+        _positive("max_n", self.max_n)
+        if self.drain_timeout < 0:
+            raise ConfigError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.api_keys and not os.path.isfile(self.api_keys):
+            raise ConfigError(f"api-keys file not found: {self.api_keys}")
+
+
+def cache_dir() -> str:
+    """Where fetched and converted models live: $LORAPLEX_CACHE or ~/.cache/loraplex."""
+    return os.environ.get("LORAPLEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loraplex")

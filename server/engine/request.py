@@ -1,0 +1,109 @@
+"""Request, SamplingParams and the per-step output the engine hands back.
+
+SamplingParams validates itself (typed errors with the offending value); the API turns a
+SamplingParamsError into a 400.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `param` names it (OpenAI's error field)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = off
+    seed: int | None = None           # per-request generator; same seed -> same tokens
+    stop: tuple[str, ...] = ()        # stop strings (not included in the output)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None       # None = off; k >= 0: sampled token's logprob + top-k
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SamplingParamsError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (0.0 <= self.temperature <= 2.0):
+            raise SamplingParamsError("temperature", f"temperature must be in [0, 2], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SamplingParamsError("top_k", f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise SamplingParamsError("logprobs", f"top logprobs must be in [0, 20], got {self.logprobs}")
+        if len(self.stop) > 16:
+            raise SamplingParamsError("stop", f"at most 16 stop strings, got {len(self.stop)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"          # queued (or preempted), holds no KV blocks
+    RUNNING = "running"          # holds KV blocks, prefilling or decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"                # EOS, stop string/token, or the grammar completed
+    LENGTH = "length"            # max_tokens or the context length
+    ABORT = "abort"              # client went away or the server is shutting down
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None            # adapter name; None = base model
+    constraint: Any = None                # server.structured.grammar.Matcher, or None
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival: float = 0.0
+    # engine-owned state
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0                 # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]          # (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request (a delta)."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
