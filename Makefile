@@ -26,7 +26,7 @@ test: model
 	$(BIN)/python -m pytest -q
 
 bench: model
-	$(BIN)/loraplex bench
+	$(BIN)/python -m loadtest bench-local --scenario cpu-reference --out bench-out
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -93,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=_env("drain-timeout", 30.0))
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("train", help="QLoRA fine-tuning that writes a PEFT adapter")
+    # train and loadtest parse their own flags: prefix_chars="\0" passes every argument through
+    p = sub.add_parser("train", help="QLoRA fine-tuning that writes a PEFT adapter",
+                       prefix_chars="\0", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("loadtest", help="scenario load test against an OpenAI-compatible endpoint")
+    p = sub.add_parser("loadtest", help="scenario load test against an OpenAI-compatible endpoint",
+                       prefix_chars="\0", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_loadtest)
     return parser

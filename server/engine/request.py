@@ -30,6 +30,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None       # None = off; k >= 0: sampled token's logprob + top-k
+    frequency_penalty: float = 0.0    # OpenAI: logit -= f * (times the token is in the output so far)
+    presence_penalty: float = 0.0     # OpenAI: logit -= p if the token is in the output so far
+    repetition_penalty: float = 1.0   # vLLM/HF: tokens in prompt or output: logit / r if > 0, else * r
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -42,12 +45,22 @@ class SamplingParams:
             raise SamplingParamsError("top_k", f"top_k must be >= 0, got {self.top_k}")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             raise SamplingParamsError("logprobs", f"top logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                raise SamplingParamsError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (0.0 < self.repetition_penalty < float("inf")):
+            raise SamplingParamsError("repetition_penalty",
+                                      f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if len(self.stop) > 16:
             raise SamplingParamsError("stop", f"at most 16 stop strings, got {len(self.stop)}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 class Status(enum.Enum):
@@ -107,3 +120,4 @@ class RequestOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None              # set when the request failed (e.g. its adapter could not load)

@@ -1,0 +1,162 @@
+"""Generation: the engine requests of one HTTP request (n choices x prompts), merged.
+
+Each choice is one engine Request; their output streams are merged into one stream of
+ChoiceDelta in arrival order. Closing the stream (client gone, handler cancelled) cancels
+every choice, which closes its engine iterator and so aborts it (KV blocks and the
+adapter pin are released by the engine). Latency and token metrics are recorded here.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from server.api import errors
+from server.api.state import ServerState
+from server.engine.request import Request, RequestOutput, SamplingParams, TokenLogprob
+
+_DONE = object()
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None       # set on the choice's last delta
+
+
+@dataclass
+class ChoiceSpec:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraint: object | None
+
+
+class Generation:
+    def __init__(self, state: ServerState, adapter: str | None, choices: list[ChoiceSpec],
+                 request_id: str) -> None:
+        self.state = state
+        self.adapter = adapter
+        self.label = adapter or state.base_id
+        self.choices = choices
+        self.request_id = request_id
+        # Engine ids stay unique even when clients reuse an x-request-id.
+        self._engine_prefix = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        self.prompt_tokens = 0          # summed over distinct prompts (n copies counted once)
+        self.completion_tokens = 0
+        self._prompt_seen: set[int] = set()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._reserved: set[int] = set()    # choices holding a waiting place (no token yet)
+        self._start = time.monotonic()
+
+    def reserve(self) -> None:
+        """Take a waiting place per choice (429 when the queue is full); call before responding."""
+        self.state.admit(len(self.choices))
+        self._reserved = {c.index for c in self.choices}
+
+    def close(self) -> None:
+        """Abort unfinished choices and give back waiting places; idempotent, never awaits.
+
+        No awaits: under a cancelled scope (client gone) every await raises again. Cancelling a
+        choice's task closes its engine stream, which aborts the engine request. The HTTP layer
+        also calls this when the response ends, in case the stream was never iterated.
+        """
+        for t in self._tasks:
+            t.cancel()
+        for index in list(self._reserved):
+            self._release(index)
+
+    def _release(self, index: int) -> None:
+        if index in self._reserved:
+            self._reserved.discard(index)
+            self.state.release()
+
+    async def stream(self) -> AsyncIterator[ChoiceDelta]:
+        """Deltas of every choice as they come; the last delta of a choice has finish_reason."""
+        assert self._reserved or not self.choices, "reserve() before stream()"
+        self._tasks = [asyncio.create_task(self._run(c)) for c in self.choices]
+        status = "error"
+        try:
+            remaining = len(self._tasks)
+            while remaining:
+                item = await self._queue.get()
+                if item is _DONE:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            status = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "aborted"
+            raise
+        finally:
+            self.close()
+            m = self.state.metrics
+            m.requests.labels(self.label, status).inc()
+            m.prompt_tokens.labels(self.label).inc(self.prompt_tokens)
+            m.generation_tokens.labels(self.label).inc(self.completion_tokens)
+            m.e2e.labels(self.label).observe(time.monotonic() - self._start)
+
+    async def collect(self) -> dict[int, ChoiceDelta]:
+        """The whole output of every choice (texts and logprobs joined), by choice index."""
+        out: dict[int, ChoiceDelta] = {c.index: ChoiceDelta(c.index, "", None, None) for c in self.choices}
+        async with contextlib.aclosing(self.stream()) as deltas:
+            async for d in deltas:
+                acc = out[d.index]
+                acc.text += d.text
+                if d.logprobs is not None:
+                    acc.logprobs = (acc.logprobs or []) + d.logprobs
+                if d.finish_reason is not None:
+                    acc.finish_reason = d.finish_reason
+        return out
+
+    async def _run(self, choice: ChoiceSpec) -> None:
+        engine = self.state.engine
+        req = Request(prompt_ids=choice.prompt_ids, params=choice.params, adapter=self.adapter,
+                      constraint=choice.constraint, request_id=f"{self._engine_prefix}-{choice.index}",
+                      arrival=time.monotonic())
+        waiting = True
+        last = time.monotonic()
+        m = self.state.metrics
+        try:
+            async with contextlib.aclosing(engine.generate(req)) as outputs:
+                async for out in outputs:
+                    now = time.monotonic()
+                    if waiting and (out.new_token_ids or out.finished):
+                        waiting = False
+                        self._release(choice.index)
+                        m.ttft.labels(self.label).observe(now - self._start)
+                    elif out.new_token_ids:
+                        m.inter_token.labels(self.label).observe(now - last)
+                    last = now
+                    self._account(choice, out)
+                    if out.error:
+                        raise errors.APIError(500, f"generation failed: {out.error}", "server_error",
+                                              None, "generation_failed")
+                    self._queue.put_nowait(ChoiceDelta(
+                        choice.index, out.new_text, out.logprobs,
+                        out.finish_reason.value if out.finished and out.finish_reason else
+                        ("stop" if out.finished else None)))
+                    if out.finished:
+                        break
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the consumer, which raises it in its context
+            self._queue.put_nowait(e)
+        finally:
+            self._release(choice.index)
+            self._queue.put_nowait(_DONE)
+
+    def _account(self, choice: ChoiceSpec, out: RequestOutput) -> None:
+        key = id(choice.prompt_ids)
+        if key not in self._prompt_seen:
+            self._prompt_seen.add(key)
+            self.prompt_tokens += out.prompt_tokens
+        self.completion_tokens += len(out.new_token_ids)

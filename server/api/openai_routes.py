@@ -1,0 +1,247 @@
+"""/v1/chat/completions, /v1/completions, /v1/models.
+
+Everything that can fail with a 4xx (auth, model, parameters, prompt length, grammar,
+queue) is checked before the response starts, so a stream never opens on a bad request.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import jinja2
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api import errors
+from server.api.auth import Principal
+from server.api.generation import ChoiceSpec, Generation
+from server.api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                 ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Completion,
+                                 CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage, SamplingRequest)
+from server.api.render import SSE_DONE, TokenText, chat_logprobs, completion_logprobs, sse
+from server.api.state import ServerState, valid_adapter_name
+from server.engine.request import SamplingParams
+from server.errors import ModelLoadError, PromptTooLongError
+from server.structured.grammar import parse_constraint
+
+log = logging.getLogger("loraplex.api")
+router = APIRouter()
+_DISCONNECT_POLL_S = 0.5
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def resolve_model(state: ServerState, who: Principal, model: str) -> str | None:
+    """The adapter a request's `model` names (None = base); 404 when missing or not this tenant's."""
+    if state.is_base(model):
+        return None
+    if not valid_adapter_name(model) or not who.may_use(model) or not await state.engine.adapter_exists(model):
+        raise errors.model_not_found(model)
+    return model
+
+
+def _choices(state: ServerState, body: SamplingRequest, prompts: list[list[int]], constraints: list) -> list[ChoiceSpec]:
+    """One ChoiceSpec per (prompt, n); seeds are seed + choice number so choices differ."""
+    limit = state.engine.max_model_len
+    requested = body.requested_max_tokens()
+    if requested is not None and requested < 1:
+        raise errors.invalid(f"max_tokens must be >= 1, got {requested}", "max_tokens")
+    specs: list[ChoiceSpec] = []
+    for p, ids in enumerate(prompts):
+        if not ids:
+            raise errors.invalid("prompt must not be empty", "prompt")
+        if len(ids) >= limit:
+            raise PromptTooLongError(len(ids), limit)
+        if requested is not None and len(ids) + requested > limit:
+            raise errors.invalid(
+                f"this model's context is {limit} tokens; the prompt has {len(ids)} and max_tokens is "
+                f"{requested} (at most {limit - len(ids)} here)", "max_tokens")
+        max_tokens = requested if requested is not None else limit - len(ids)
+        for i in range(body.n):
+            index = p * body.n + i
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0 if body.top_k is None else body.top_k,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                presence_penalty=body.presence_penalty or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                seed=None if body.seed is None else body.seed + index,
+                stop=body.stop_strings(), ignore_eos=body.ignore_eos,
+                logprobs=body.requested_logprobs())
+            specs.append(ChoiceSpec(index, ids, params, constraints[index] if constraints else None))
+    return specs
+
+
+async def _constraints(state: ServerState, body: SamplingRequest, count: int) -> list:
+    """One matcher per choice, or [] when the request has no constraint."""
+    spec = parse_constraint(body.response_format, body.structured_outputs)
+    if spec is None:
+        return []
+    compiler = state.engine.compiler
+    compiled = await compiler.compile_async(spec)
+    return [compiler.new_matcher(compiled) for _ in range(count)]
+
+
+async def _prepare(request: Request, body: SamplingRequest, prompts_of) -> tuple[ServerState, Generation]:
+    state = _state(request)
+    who = state.principal(request)
+    engine = state.require_ready()
+    adapter = await resolve_model(state, who, body.model)
+    if not (1 <= body.n <= state.cfg.max_n):
+        raise errors.invalid(f"n must be in 1..{state.cfg.max_n}, got {body.n}", "n")
+    prompts = prompts_of(engine.tokenizer)
+    constraints = await _constraints(state, body, len(prompts) * body.n)
+    gen = Generation(state, adapter, _choices(state, body, prompts, constraints), request.state.request_id)
+    gen.reserve()
+    request.state.generation = gen    # RequestGate closes it when the response ends, whatever happened
+    return state, gen
+
+
+async def _until_disconnect(request: Request, work: asyncio.Task):
+    """Await `work`; cancel it (aborting the engine requests) if the client goes away first."""
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            raise errors.APIError(499, "client closed the request", "invalid_request_error")
+
+
+def _usage(gen: Generation) -> Usage:
+    return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                 total_tokens=gen.prompt_tokens + gen.completion_tokens)
+
+
+async def _sse(gen: Generation, first: list[str], chunk_of, usage_chunk) -> AsyncIterator[str]:
+    for line in first:
+        yield line
+    try:
+        async with contextlib.aclosing(gen.stream()) as deltas:
+            async for d in deltas:
+                yield chunk_of(d)
+    except Exception as e:  # the stream has started: report in-band, then end it
+        err = errors.from_exception(e) or errors.internal_error(e, gen.request_id)
+        yield sse(err.body())
+        yield SSE_DONE
+        return
+    if usage_chunk is not None:
+        yield usage_chunk(_usage(gen))
+    yield SSE_DONE
+
+
+def _stream_response(lines: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(lines, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _encode_chat(tok, messages: list[dict]) -> list[int]:
+    try:
+        return tok.encode_chat(messages)
+    except (jinja2.TemplateError, ModelLoadError) as e:   # e.g. roles the template refuses
+        raise errors.invalid(f"the model's chat template cannot render these messages: {e}", "messages") from e
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    state, gen = await _prepare(request, body, lambda tok: [_encode_chat(tok, messages)])
+    text = TokenText(state.engine.tokenizer.hf)
+    rid = f"chatcmpl-{gen.request_id}"
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(d):
+            delta = ChatDelta(content=d.text) if d.text else ChatDelta()
+            return sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[ChatChunkChoice(
+                index=d.index, delta=delta, logprobs=chat_logprobs(text, d.logprobs),
+                finish_reason=d.finish_reason)]))
+        first = [sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[
+            ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]))
+            for c in gen.choices]
+        usage = (lambda u: sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[], usage=u))) \
+            if include_usage else None
+        return _stream_response(_sse(gen, first, chunk, usage))
+    out = await _until_disconnect(request, asyncio.create_task(gen.collect()))
+    choices = [ChatChoice(index=i, message=AssistantMessage(content=d.text),
+                          logprobs=chat_logprobs(text, d.logprobs), finish_reason=d.finish_reason)
+               for i, d in sorted(out.items())]
+    return JSONResponse(ChatCompletion(id=rid, model=gen.label, choices=choices, usage=_usage(gen)).model_dump())
+
+
+def _completion_prompts(body: CompletionRequest):
+    p = body.prompt
+
+    def prompts(tok) -> list[list[int]]:
+        if isinstance(p, str):
+            return [tok.encode(p)]
+        if not p:
+            raise errors.invalid("prompt must not be empty", "prompt")
+        if all(isinstance(x, str) for x in p):
+            return [tok.encode(x) for x in p]
+        lists = [p] if all(isinstance(x, int) for x in p) else p
+        for ids in lists:
+            if any(not (0 <= t < tok.vocab_size) for t in ids):
+                raise errors.invalid(f"prompt token ids must be in 0..{tok.vocab_size - 1}", "prompt")
+        return [list(ids) for ids in lists]
+    return prompts
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state, gen = await _prepare(request, body, _completion_prompts(body))
+    text = TokenText(state.engine.tokenizer.hf)
+    rid = f"cmpl-{gen.request_id}"
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offsets = {c.index: 0 for c in gen.choices}
+
+        def chunk(d):
+            lp = completion_logprobs(text, d.logprobs, offsets[d.index])
+            offsets[d.index] += len(d.text)
+            return sse(Completion(id=rid, model=gen.label, choices=[CompletionChoice(
+                index=d.index, text=d.text, logprobs=lp, finish_reason=d.finish_reason)]))
+        usage = (lambda u: sse(Completion(id=rid, model=gen.label, choices=[], usage=u))) \
+            if include_usage else None
+        return _stream_response(_sse(gen, [], chunk, usage))
+    out = await _until_disconnect(request, asyncio.create_task(gen.collect()))
+    choices = [CompletionChoice(index=i, text=d.text, logprobs=completion_logprobs(text, d.logprobs, 0),
+                                finish_reason=d.finish_reason) for i, d in sorted(out.items())]
+    return JSONResponse(Completion(id=rid, model=gen.label, choices=choices, usage=_usage(gen)).model_dump())
+
+
+async def _model_cards(state: ServerState, who: Principal) -> list[ModelCard]:
+    cards = [ModelCard(id=state.base_id, root=state.base_id)]
+    for name in await state.engine.adapter_names():
+        if who.may_use(name):
+            cards.append(ModelCard(id=name, root=name, parent=state.base_id))
+    return cards
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    state = _state(request)
+    who = state.principal(request)
+    state.require_ready()
+    return JSONResponse(ModelList(data=await _model_cards(state, who)).model_dump())
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    state = _state(request)
+    who = state.principal(request)
+    state.require_ready()
+    for card in await _model_cards(state, who):
+        if card.id == model_id or (state.is_base(model_id) and card.parent is None):
+            return JSONResponse(card.model_dump())
+    raise errors.model_not_found(model_id)

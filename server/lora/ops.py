@@ -1,0 +1,88 @@
+"""LoRA shrink / expand: the torch reference (CPU, and the oracle in tests) and the backend choice.
+
+For token row i with slot s = token_slots[i] (>= 0) and that adapter's rank r:
+
+    h[i, :r]  = x[i] @ a_stack[s, :r].T          # x: (T, d_in), a_stack: (S, r_max, d_in) -> h: (T, r_max)
+    y[i]     += h[i, :r] @ b_stack[s, :, :r].T   # b_stack: (S, d_out, r_max) -> y: (T, d_out)
+
+Rows with slot -1 skip the LoRA path (y unchanged, h zero). The reference groups rows by
+slot (at most max_loras groups, whatever the number of segments) and slices each group to
+its adapter's actual rank rather than padding every row to r_max. Padding matters: for
+rank-4 adapters in a 576 -> 1536 linear (bench/cpu_lora_padding.py, 2-core CPU, noisy)
+padding to r_max costs x1.1-1.6 at r_max 16, x2-4 at 64 and x6-10 at 256, while the sliced
+path stays flat. The Triton kernels mask the rank the same way. The backend (torch or
+Triton) is chosen once at start-up by `select_backend`, never per call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from server.lora.mapping import LoraBatch
+
+
+@dataclass(frozen=True)
+class LoraOps:
+    name: str
+    shrink: Callable[[torch.Tensor, torch.Tensor, LoraBatch], torch.Tensor]
+    expand: Callable[[torch.Tensor, torch.Tensor, LoraBatch, torch.Tensor], torch.Tensor]
+    # y += expand(shrink(x)): what a LoRA linear calls; a backend may fuse the two
+    apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LoraBatch, torch.Tensor], torch.Tensor]
+
+
+def shrink(x: torch.Tensor, a_stack: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+    """h = per-row x @ A[slot, :rank].T; zeros elsewhere.  x: (T, d_in) -> (T, r_max)."""
+    h = x.new_zeros(x.shape[0], a_stack.shape[1])  # (T, r_max)
+    for slot, rank, rows in lora.slot_groups():
+        h[rows, :rank] = x[rows] @ a_stack[slot, :rank].T  # (n, d_in) @ (d_in, rank) -> (n, rank)
+    return h
+
+
+def expand(h: torch.Tensor, b_stack: torch.Tensor, lora: LoraBatch, y: torch.Tensor) -> torch.Tensor:
+    """y[rows] += h[rows, :rank] @ B[slot, :, :rank].T per slot group, in place.  -> y (T, d_out)."""
+    h = h.to(y.dtype)
+    for slot, rank, rows in lora.slot_groups():
+        delta = h[rows, :rank] @ b_stack[slot, :, :rank].T  # (n, rank) @ (rank, d_out) -> (n, d_out)
+        if isinstance(rows, slice):
+            y[rows] += delta
+        else:
+            y.index_add_(0, rows, delta)
+    return y
+
+
+def apply(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, lora: LoraBatch,
+          y: torch.Tensor) -> torch.Tensor:
+    """expand(shrink(x)) fused per slot group (h never materialised for the whole batch).
+
+    On CPU this halves the small-op count of decode batches, where groups are one or two rows.
+    """
+    for slot, rank, rows in lora.slot_groups():
+        delta = (x[rows] @ a_stack[slot, :rank].T) @ b_stack[slot, :, :rank].T  # (n, rank) -> (n, d_out)
+        if isinstance(rows, slice):
+            y[rows] += delta
+        else:
+            y.index_add_(0, rows, delta)
+    return y
+
+
+def _unfused(shrink_fn, expand_fn):
+    def apply_fn(x, a_stack, b_stack, lora, y):
+        return expand_fn(shrink_fn(x, a_stack, lora), b_stack, lora, y)
+    return apply_fn
+
+
+TORCH_OPS = LoraOps("torch", shrink, expand, apply)
+
+
+def select_backend(device: torch.device | str) -> LoraOps:
+    """Triton kernels on CUDA (when triton imports), the torch reference elsewhere; once at start-up."""
+    if torch.device(device).type == "cuda":
+        try:
+            from server.lora import triton_ops
+        except ImportError:
+            return TORCH_OPS
+        return LoraOps("triton", triton_ops.shrink, triton_ops.expand,
+                       _unfused(triton_ops.shrink, triton_ops.expand))
+    return TORCH_OPS

@@ -1,0 +1,189 @@
+"""load_model: an HF safetensors folder, a .gguf file or "default" -> LlamaForCausalLM.
+
+Weights are read tensor by tensor with safetensors' safe_open (sharded checkpoints through
+model.safetensors.index.json) and placed by their HF names; each decoder linear is
+quantized (or kept dense) as it is read, so the full-precision model never sits in memory
+at once. GGUF files are converted once through transformers into the cache, keyed by the
+file's SHA-256. Every problem with the path, config or weights is a ModelLoadError that
+names the file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from server.config import EngineConfig, cache_dir
+from server.errors import ModelLoadError
+from server.model.llama import LlamaArch, LlamaForCausalLM
+from server.model.quant import make_linear
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def load_model(config: EngineConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """config.model's weights on `device`, decoder linears per config.quantization, the rest
+    (embeddings, norms, lm_head) dense in `dtype`. No KV cache yet: allocate_kv_cache."""
+    device = torch.device(device)
+    folder = resolve_model_dir(config.model)
+    arch = read_arch(folder)
+    t0 = time.perf_counter()
+    model = LlamaForCausalLM(arch, device, dtype)
+    with Checkpoint(folder) as ckpt:
+        _load_linears(model, ckpt, config.quantization, device, dtype)
+        _load_dense(model, ckpt, device, dtype)
+    model.eval()
+    log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s: %.1f MiB of weights", folder, arch.architecture,
+             arch.num_layers, config.quantization, str(dtype).replace("torch.", ""),
+             time.perf_counter() - t0, model.weight_bytes() / 2**20)
+    return model
+
+
+def resolve_model_dir(model: str) -> Path:
+    """The HF folder behind `model`: "default", a folder, or a .gguf file (converted once)."""
+    if model == "default":
+        from server.model.default import ensure_default_model
+        return ensure_default_model()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model file {path} is neither a folder of safetensors nor a .gguf file")
+        return _converted_gguf(path)
+    return path
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    from server.model.default import cache_lock, convert_gguf
+
+    stat = gguf.stat()
+    root = Path(cache_dir())
+    target = root / f"gguf-{_sha256(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)[:20]}"
+    if (target / "config.json").is_file():
+        return target
+    with cache_lock(root, target.name):  # another process may be converting the same file
+        if not (target / "config.json").is_file():
+            convert_gguf(gguf, target)
+    return target
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The file's SHA-256, computed once per (path, size, mtime) in this process."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from e
+    return digest.hexdigest()
+
+
+def read_arch(folder: Path) -> LlamaArch:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"model folder {folder} has no config.json")
+    cfg = _read_json(cfg_path)
+    gen_path = folder / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.is_file() else None
+    return LlamaArch.from_config(cfg, gen, str(cfg_path))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
+
+
+class Checkpoint:
+    """The tensors of a folder of safetensors files, by name; opens each file once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.where: dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+        index = folder / INDEX_FILE
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelLoadError(f"{index} has no weight_map")
+            self.where = {name: folder / fname for name, fname in weight_map.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise ModelLoadError(f"model folder {folder} has no *.safetensors weights")
+            for path in files:
+                for name in self._open(path).keys():
+                    self.where[name] = path
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            if not path.is_file():
+                raise ModelLoadError(f"weights file {path} is missing")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelLoadError(f"corrupt or unreadable safetensors file {path}: {e}") from e
+        return self._handles[path]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor `name`, checked against the expected shape."""
+        if name not in self.where:
+            raise ModelLoadError(f"tensor {name} is missing from the weights in {self.folder}")
+        path = self.where[name]
+        try:
+            t = self._open(path).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"cannot read tensor {name} from {path}: {e}") from e
+        if tuple(t.shape) != tuple(shape):
+            raise ModelLoadError(f"tensor {name} in {path} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return t
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handles.clear()
+
+
+def _load_linears(model: LlamaForCausalLM, ckpt: Checkpoint, quantization: str,
+                  device: torch.device, dtype: torch.dtype) -> None:
+    for name, lin in model.lora_linears().items():
+        shape = (lin.out_features, lin.in_features)
+        weight = ckpt.get(f"{name}.weight", shape)
+        bias = ckpt.get(f"{name}.bias", (lin.out_features,)) if lin.base.bias is not None else None
+        lin.base = make_linear(weight, bias, quantization, device, dtype)
+
+
+def _load_dense(model: LlamaForCausalLM, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    """Embeddings, norms and lm_head (tied to the embeddings when the config says so)."""
+    for name, param in list(model.named_parameters()):
+        if not param.is_meta:
+            continue  # a linear's base, already loaded
+        if name == "lm_head.weight" and model.arch.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        t = ckpt.get(name, tuple(param.shape)).to(device=device, dtype=dtype)
+        setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
+    assert not any(p.is_meta for p in model.parameters()), "a parameter was left on the meta device"

@@ -1,0 +1,64 @@
+"""Matcher: one request's position in its grammar (wraps llguidance.LLMatcher).
+
+The engine's side of the contract (Request.constraint):
+    fill_bitmasks([m, ...])  -> allowed tokens for the next step   (server/structured/bitmask.py)
+    m.consume(token_id)      after each sampled token
+    m.is_stopped()           True once the grammar is complete: finish with reason "stop"
+
+A Matcher only ever sees tokens its mask allowed, so a refused token is a bug in the
+caller: consume() raises GrammarError naming the token and llguidance's reason rather than
+letting the request go on unconstrained. For n > 1 choices call new_matcher() n times on
+the same CompiledGrammar (compiled once), or fork() a matcher to copy its current state.
+"""
+from __future__ import annotations
+
+import llguidance
+
+from server.errors import GrammarError
+
+
+class Matcher:
+    def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, eos_token_id: int) -> None:
+        self._inner = inner
+        self.vocab_size = vocab_size          # bits in one mask row (the tokenizer's vocabulary)
+        self.eos_token_id = eos_token_id
+        self.num_consumed = 0
+
+    @property
+    def llmatcher(self) -> llguidance.LLMatcher:
+        """The wrapped llguidance matcher (for batched mask filling)."""
+        return self._inner
+
+    def consume(self, token_id: int) -> None:
+        """Advance by one sampled token; GrammarError if the grammar does not allow it."""
+        if not self._inner.consume_token(token_id):
+            raise GrammarError(
+                f"token {token_id} is not allowed by the grammar after {self.num_consumed} tokens: "
+                f"{self._inner.get_error() or 'refused'}")
+        self.num_consumed += 1
+
+    def is_stopped(self) -> bool:
+        """The grammar is complete: nothing but EOS may follow (or an earlier error)."""
+        return self._inner.is_stopped()
+
+    def is_accepting(self) -> bool:
+        """The output so far is a complete match (EOS is allowed now)."""
+        return self._inner.is_accepting()
+
+    def is_error(self) -> bool:
+        return self._inner.is_error()
+
+    def error(self) -> str:
+        """llguidance's reason for the error state; empty when there is none."""
+        return self._inner.get_error()
+
+    def fork(self) -> Matcher:
+        """An independent copy at the same position (compiled grammar shared, no recompile)."""
+        twin = Matcher(self._inner.deep_copy(), self.vocab_size, self.eos_token_id)
+        twin.num_consumed = self.num_consumed
+        return twin
+
+    def allowed_token_ids(self) -> list[int]:
+        """The tokens allowed next (a readable, slow form of one mask row; for tests and debugging)."""
+        bits = self._inner.compute_bitmask()                     # bytes, 1 bit per token, LSB first
+        return [i for i in range(self.vocab_size) if bits[i >> 3] >> (i & 7) & 1]

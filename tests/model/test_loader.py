@@ -1,0 +1,180 @@
+"""load_model: folders, shards, GGUF cache keys, and every way a model path can be bad."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+
+from server.config import EngineConfig
+from server.errors import ModelLoadError
+from server.model import loader
+from server.model.loader import load_model
+from tests.model.reference import random_prompts, randomize_, run_schedule
+
+
+def _tiny_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       initializer_range=0.2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, HFLlama]:
+    torch.manual_seed(0)
+    ref = HFLlama(_tiny_config()).eval()
+    randomize_(ref, 0)
+    path = tmp_path_factory.mktemp("tiny")
+    ref.save_pretrained(str(path))
+    return path, ref
+
+
+def _load(path: Path | str, quantization: str = "none"):
+    return load_model(EngineConfig(model=str(path), quantization=quantization), "cpu", torch.float32)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_checkpoint_matches_reference(tiny, tmp_path):
+    path, ref = tiny
+    ref.save_pretrained(str(tmp_path), max_shard_size="40KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    ours = _load(tmp_path)
+    prompts = random_prompts([4, 11, 7], 128, seed=1)
+    assert run_schedule(ours, ref, prompts, split=5, decode_steps=2) <= 1e-3
+
+
+def test_nf4_load_of_tiny_model(tiny):
+    path, _ = tiny
+    ours = _load(path, "nf4")
+    dense = _load(path, "none")
+    assert ours.weight_bytes() < dense.weight_bytes()
+    q = ours.lora_linears()["model.layers.1.self_attn.o_proj"]
+    assert q.base.weight.dtype == torch.uint8 and (q.in_features, q.out_features) == (64, 64)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist.*nowhere"):
+        _load(tmp_path / "nowhere")
+
+
+def test_folder_without_config(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    (path / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        _load(path)
+
+
+def test_folder_without_weights(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelLoadError, match=r"no \*.safetensors"):
+        _load(path)
+
+
+def test_unsupported_architecture_is_named(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel") as e:
+        _load(path)
+    assert "config.json" in str(e.value)
+
+
+def test_unsupported_rope_type(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="yarn"):
+        _load(path)
+
+
+def test_truncated_safetensors(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        _load(path)
+
+
+def test_garbage_safetensors(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    (path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="corrupt or unreadable.*model.safetensors"):
+        _load(path)
+
+
+def test_missing_tensor_is_named(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        _load(path)
+
+
+def test_wrong_shape_is_named(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "m")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"model\.norm\.weight.*\(65,\).*\(64,\)"):
+        _load(path)
+
+
+def test_shard_named_in_index_but_missing(tiny, tmp_path):
+    tiny[1].save_pretrained(str(tmp_path), max_shard_size="40KB")
+    victim = sorted(tmp_path.glob("*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(ModelLoadError, match=victim.name):
+        _load(tmp_path)
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoadError, match="model.bin"):
+        _load(f)
+
+
+def test_gguf_converted_once_into_cache_keyed_by_hash(tiny, tmp_path, monkeypatch):
+    """The GGUF path: converted into <cache>/gguf-<sha256 prefix>, reused on the next load."""
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
+    calls: list[Path] = []
+
+    def fake_convert(gguf: Path, target: Path) -> None:  # stands in for transformers' converter
+        calls.append(gguf)
+        shutil.copytree(tiny[0], target)
+
+    import server.model.default as default
+    monkeypatch.setattr(default, "convert_gguf", fake_convert)
+    a = tmp_path / "a.gguf"
+    a.write_bytes(b"GGUF" + b"\1" * 100)
+    first = loader.resolve_model_dir(str(a))
+    assert first.parent == tmp_path / "cache" and first.name.startswith("gguf-")
+    assert loader.resolve_model_dir(str(a)) == first and len(calls) == 1
+    b = tmp_path / "b.gguf"
+    b.write_bytes(b"GGUF" + b"\2" * 100)
+    assert loader.resolve_model_dir(str(b)) != first and len(calls) == 2
+    assert _load(a).arch.num_layers == 2
+
+
+def test_corrupt_gguf_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelLoadError, match="bad.gguf"):
+        _load(bad)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
