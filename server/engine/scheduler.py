@@ -194,8 +194,8 @@ class Scheduler:
         full = len(active) >= self.config.max_loras
         if starving is not None and name != starving and (name not in active or full):
             return False
-        if name in active:
-            return True
-        if full:
+        if full and name not in active:
             return False
+        # Even for an adapter already in the step: after a reload its running requests may still
+        # be on the old slot, and a new request must wait until the new weights are resident.
         return self.store is None or self.store.request_resident(name)

@@ -12,7 +12,8 @@ old weights (requests already running on the old slot keep it, pinned, until the
 Unload: new requests get unknown-adapter at once, running ones finish on their slot, and the
 name is not rediscovered in adapters_dir until `load` registers it again.
 Reload: `slot_and_rank` serves a running request from its old slot only until the new
-weights are resident; from then on every row of that name uses the new weights.
+weights are resident; from then on every row of that name uses the new weights and the old
+slot is free.
 
 Paths: names in adapters_dir are confined to it (server/lora/registry.py: a symlink whose
 real path escapes the root is refused). `load(name, path)` is an admin operation and may
@@ -20,6 +21,7 @@ name any folder; the path is resolved once and remembered.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,12 +31,17 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from server.config import EngineConfig
-from server.errors import AdapterError
-from server.lora.adapter import LoraAdapter, LoraArch, content_hash, read_adapter
+from server.errors import AdapterError, ModelLoadError
+from server.lora.adapter import WEIGHTS_FILE, LoraAdapter, LoraArch, content_hash, read_adapter
 from server.lora.linear import LinearWithLoRA
 from server.lora.ops import select_backend
 from server.lora.registry import AdapterInfo, AdapterRegistry, Entry, check_name
 from server.lora.slots import LayerSlots
+from server.model.fingerprint import model_content_hash, read_base_hash
+from server.model.loader import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
 
 class AdapterStore:
     def __init__(self, config: EngineConfig, layers: dict[str, LinearWithLoRA],
@@ -56,6 +63,7 @@ class AdapterStore:
         self._slot_owner: list[tuple[str, str] | None] = [None] * config.max_loras  # (name, identity)
         self._slot_used: list[float] = [0.0] * config.max_loras
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        self._base_hash: str | None = None   # the served base's content hash, computed on first need
         # Cumulative, for /metrics: reads from disk and their seconds, slot evictions, host-cache
         # evictions, residency checks that found a slot (device hit), adapters that had to be
         # brought to a slot (device miss) from the host cache (host hit) or from disk (host miss).
@@ -105,6 +113,7 @@ class AdapterStore:
         start = time.perf_counter()
         try:
             adapter = self._to_host(read_adapter(entry.name, entry.path, self.arch, self.config.max_lora_rank))
+            self._check_base(adapter)
         except AdapterError as e:
             with self._lock:
                 if entry.generation == generation:
@@ -116,6 +125,21 @@ class AdapterStore:
             if entry.generation == generation:
                 self._set_host(entry, adapter)
                 entry.loading = False
+
+    def _check_base(self, adapter: LoraAdapter) -> None:
+        """Worker thread: warn when the adapter records a base other than the one served."""
+        recorded = read_base_hash(os.path.join(adapter.path, WEIGHTS_FILE))
+        if recorded is None:
+            return
+        if self._base_hash is None:   # hashed once, off the engine thread, only when needed
+            try:
+                self._base_hash = model_content_hash(resolve_model_dir(self.config.model))
+            except (ModelLoadError, OSError) as e:
+                log.warning("cannot hash the served base model to check adapter %r: %s", adapter.name, e)
+                return
+        if recorded != self._base_hash:
+            log.warning("adapter %r was trained on a different base model (sha256 %s..., serving %s...): "
+                        "its outputs may not match training", adapter.name, recorded[:12], self._base_hash[:12])
 
     def _to_host(self, adapter: LoraAdapter) -> LoraAdapter:
         """Weights in the serving dtype; in pinned memory for a CUDA device (async copy_)."""
@@ -190,6 +214,10 @@ class AdapterStore:
         self._slot_owner[slot] = (entry.name, adapter.identity)
         self._slot_used[slot] = time.monotonic()
         entry.slot = slot
+        for s in entry.retired:     # no row reads the old weights once the new ones are resident
+            if s != slot:
+                self._slot_owner[s] = None
+        entry.retired = []
         self._host.move_to_end(entry.name)
 
     def _reap(self) -> None:

@@ -23,8 +23,8 @@ class FakeStore:
         self.resident[name] = self.resident.get(name, 0) + 1
         if self.resident[name] <= self.load_steps:
             return False
-        in_slots = [n for n, c in self.resident.items() if c > self.load_steps]
-        assert len(in_slots) <= self.num_slots or self.pins[name] == 0
+        in_slots = {n for n, c in self.pins.items() if c > 0} | {name}   # pinned ones + this one
+        assert len(in_slots) <= self.num_slots
         return True
 
     def pin(self, name: str) -> None:

@@ -178,3 +178,28 @@ def test_names_paths_and_load_errors(tmp_path):
             store.request_resident("broken")
             time.sleep(0.005)
     store.close()
+
+
+def test_warns_when_an_adapter_was_trained_on_another_base(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from server.model.fingerprint import BASE_SHA256, model_content_hash
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"w": torch.arange(6.0)}, str(base / "model.safetensors"))
+    served = model_content_hash(base)
+    root = tmp_path / "adapters"
+    for name, recorded in (("same", served), ("other", "0" * 64), ("unrecorded", None)):
+        path = write_random_adapter(str(root / name), tiny_arch(), r=2, alpha=4, targets=TARGETS, seed=1)
+        weights = os.path.join(path, "adapter_model.safetensors")
+        tensors = load_file(weights)
+        save_file(tensors, weights, metadata={"format": "pt", **({BASE_SHA256: recorded} if recorded else {})})
+    cfg = EngineConfig(model=str(base), adapters_dir=str(root), max_loras=3, max_cpu_loras=3, max_lora_rank=8)
+    store = AdapterStore(cfg, lora_layers(tiny_arch()), "cpu", torch.float32)
+    with caplog.at_level("WARNING", logger="server.lora.store"):
+        for name in ("same", "other", "unrecorded"):
+            _resident(store, name)
+    warned = [r.getMessage() for r in caplog.records if "different base model" in r.getMessage()]
+    assert len(warned) == 1 and "'other'" in warned[0] and served[:12] in warned[0]
+    store.close()
