@@ -55,7 +55,19 @@ def _memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * KV_MEMORY_FRACTION)
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * KV_MEMORY_FRACTION)
+    return int(_host_available_bytes() * KV_MEMORY_FRACTION)
+
+
+def _host_available_bytes() -> int:
+    """MemAvailable (free + reclaimable page cache); free pages alone undercount on a busy host."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _adapter_store(config: EngineConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
@@ -89,7 +101,7 @@ class Engine:
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(arch.eos_token_ids))
         self._live: dict[str, _Live] = {}
-        self.overlap_masks = True     # fill grammar masks on _mask_pool during the forward (False: after it)
+        self.overlap_masks = True     # grammar masks fill on _mask_pool during the forward (False: inline)
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self.last_step_tokens = 0     # tokens the last step computed (0: nothing could run)
         log.info("engine ready: %d KV blocks x %d tokens, max_model_len %d, device %s",

@@ -1,11 +1,14 @@
 """Constrained-decoding micro-benchmark: compile time, mask time per step, apply time.
 
     python -m server.structured.bench [--schemas FILE] [--model DIR] [--compiled-apply]
+    python -m server.structured.bench --overlap [--rows 8] [--repeats 3]
 
 Replays the valid instances of a JSONSchemaBench-style file (one {"schema", "tests"} a line)
 through matchers in lock-step batches of 1 and 8, timing fill_bitmasks for each step, as
 the engine would call it. --compiled-apply also times llguidance's torch.compile'd apply
-(its first call compiles: 5-16 s on a small CPU).
+(its first call compiles: 5-16 s on a small CPU). --overlap instead times Engine.step with
+`rows` schema-constrained greedy requests, mask fill overlapped with the forward (on the
+engine's worker thread) and not, alternating, and checks both give the same tokens.
 """
 from __future__ import annotations
 
@@ -95,11 +98,63 @@ def bench_apply(vocab: int, compiled_apply: bool) -> None:
             print(_report(f"apply {name}, batch {batch} (first call {first:.3f} s)", times))
 
 
+def bench_overlap(compiler, rows: list[dict], count: int, repeats: int, max_tokens: int = 48) -> None:
+    """Engine.step time with `count` constrained rows: overlap_masks on vs off (same tokens)."""
+    from server.config import EngineConfig
+    from server.engine.engine import Engine
+    from server.engine.request import Request, SamplingParams
+    from server.errors import GrammarError
+    from server.structured.grammar import new_matcher
+    from server.structured.spec import ConstraintSpec
+    engine = Engine(EngineConfig(kv_cache_tokens=8192, max_num_seqs=max(16, count)))   # the default model
+    grammars = []
+    for row in rows:
+        try:
+            grammars.append(compiler.compile(ConstraintSpec("json", json.dumps(row["schema"], separators=(",", ":")))))
+        except GrammarError:
+            continue
+        if len(grammars) == count:
+            break
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    masking: dict[bool, list[float]] = {False: [], True: []}   # time the step spends on masks after the forward
+    constrain = engine._constrain
+
+    def timed_constrain(reqs, logits, masks):
+        start = time.perf_counter()
+        constrain(reqs, logits, masks)
+        masking[engine.overlap_masks].append(time.perf_counter() - start)
+    engine._constrain = timed_constrain
+    tokens: dict[bool, list] = {}
+    for _ in range(repeats):
+        for overlap in (False, True):
+            engine.overlap_masks = overlap
+            reqs = [Request(engine.tokenizer.encode_chat([{"role": "user", "content": "Reply with JSON following: "
+                                                           + g.spec.source}]), params, constraint=new_matcher(g))
+                    for g in grammars]
+            for r in reqs:
+                engine.add_request(r)
+            engine.step()                                              # prefill, not timed
+            while engine.has_unfinished():
+                start = time.perf_counter()
+                engine.step()
+                times[overlap].append(time.perf_counter() - start)
+            out = [r.output_ids for r in reqs]
+            assert tokens.setdefault(overlap, out) == out, "greedy runs differ between repeats"
+    assert tokens[True] == tokens[False], "overlapping the mask fill changed the tokens"
+    for overlap in (False, True):
+        print(_report(f"Engine.step, {len(grammars)} constrained rows, overlap_masks={overlap}", times[overlap]))
+        print(_report(f"  mask wait + apply after the forward, overlap_masks={overlap}", masking[overlap]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--schemas", default=str(DEFAULT_SCHEMAS))
     p.add_argument("--model", default=None, help="HF folder with the tokenizer; default: the embedded model")
     p.add_argument("--compiled-apply", action="store_true")
+    p.add_argument("--overlap", action="store_true", help="time Engine.step with mask overlap on and off")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -111,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     compiler = GrammarCompiler(tokenizer)
     with open(args.schemas, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
+    if args.overlap:
+        bench_overlap(compiler, rows, args.rows, args.repeats)
+        compiler.close()
+        return 0
     compiled = bench_compile(compiler, rows)
     for batch in (1, 8):
         bench_masks(compiled, lambda text: tokenizer.encode(text, add_special_tokens=False), batch)

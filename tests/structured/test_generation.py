@@ -4,10 +4,13 @@ All base-model jobs (50 schemas, json_object prompts, the cat with and without a
 constraint) run as one batch in a module fixture; each test checks its share.
 Soundness is strict: everything that finishes with "stop" under a schema parses and
 validates with `jsonschema` (format checks on); under json_object it parses as an object.
-Termination is the model's business: a 135M model does not always close its JSON within
-max_tokens (it nests, or repeats a key or a string, until the limit); such outputs end
-with "length", which is announced, and must still be bare JSON text (no fence, no prose),
-so the tests ask for a majority or a floor of stops rather than all.
+Termination is the model's business. Greedy decoding alone, SmolLM2-135M loops inside
+half of the schemas (repeating a key, a word inside a string, or digits of a number) until
+max_tokens; the grammar cannot stop that without refusing valid JSON. OpenAI's
+frequency_penalty is the user-side remedy, so the requests here are greedy with
+frequency_penalty 0.5; docs/structured-output.md has the stop counts for every setting
+measured (no penalty, repetition_penalty, whitespace modes, prompts, max_tokens). Outputs
+that end with "length" (announced) must still be bare JSON text (no fence, no prose).
 """
 from __future__ import annotations
 
@@ -33,10 +36,9 @@ OBJECT_PROMPTS = ["Give me a JSON object describing a cat", "Describe a car as J
                   "Return a JSON object with a city and its country.", "List three fruits in a JSON object.",
                   "Give me a user profile in JSON.", "Summarize the weather today as JSON."]
 SEEDS = range(10)
-GREEDY = SamplingParams(max_tokens=256, temperature=0.0)
-# Greedy decoding under json_object loops (nested or repeated keys) for this model on most
-# prompts; seeded sampling at temperature 1 is how it is used and often closes the object.
-SAMPLED = [SamplingParams(max_tokens=256, temperature=1.0, seed=s) for s in SEEDS]
+GREEDY = SamplingParams(max_tokens=256, temperature=0.0, frequency_penalty=0.5)
+SHORT = SamplingParams(max_tokens=24, temperature=0.0)
+SAMPLED = [SamplingParams(max_tokens=256, temperature=1.0, seed=s, frequency_penalty=0.5) for s in SEEDS]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,8 @@ def run(engine, jobs: list[tuple[str, SamplingParams, object, str | None]]) -> l
             if out.error:
                 errors.append(out.error)
     assert not errors, errors
+    for r in reqs:  # the streamed text is the text of the tokens the grammar consumed
+        assert texts[r.request_id] == engine.tokenizer.decode(r.output_ids), r.request_id
     return [(texts[r.request_id], r.finish_reason) for r in reqs]
 
 
@@ -120,49 +124,75 @@ def check_object_outputs(outputs) -> int:
 
 
 @pytest.fixture(scope="module")
-def base_results(engine, grammars):
+def results(engine, grammars):
+    """Everything in one batch: 50 schemas and 6 json_object prompts, on the base model and
+    through the adapter, the cat sampled under json_object, and the cat unconstrained."""
     rows = pick_schemas(grammars, 50)
-    jobs = [schema_job(grammars, row) for row in rows]
-    jobs += [object_job(grammars, p, params) for p in OBJECT_PROMPTS[1:] for params in SAMPLED[:2]]
-    jobs += [object_job(grammars, CAT, params) for params in SAMPLED]
-    jobs += [(CAT, SamplingParams(max_tokens=24, temperature=0.0), None, None)]
-    outputs = run(engine, jobs)
-    n, k = len(rows), 2 * len(OBJECT_PROMPTS[1:])
-    return {"rows": rows, "schemas": outputs[:n], "objects": outputs[n:n + k],
-            "cat": outputs[n + k:n + k + len(SEEDS)], "cat_free": outputs[-1]}
+    groups = {"schemas": [schema_job(grammars, row) for row in rows],
+              "objects": [object_job(grammars, p, GREEDY) for p in OBJECT_PROMPTS],
+              "adapter_schemas": [schema_job(grammars, row, ADAPTER) for row in rows],
+              "adapter_objects": [object_job(grammars, p, GREEDY, ADAPTER) for p in OBJECT_PROMPTS],
+              "cat": [object_job(grammars, CAT, params) for params in SAMPLED],
+              "cat_free": [(CAT, SamplingParams(max_tokens=24, temperature=0.0), None, None)]}
+    if not (ADAPTERS / ADAPTER / "adapter_config.json").is_file():
+        pytest.fail(f"adapter {ADAPTER!r} is missing from {ADAPTERS}")
+    outputs = run(engine, [job for jobs in groups.values() for job in jobs])
+    out, start = {"rows": rows}, 0
+    for name, jobs in groups.items():
+        out[name], start = outputs[start:start + len(jobs)], start + len(jobs)
+    return out
 
 
-def test_fifty_schemas_generate_valid_json(base_results):
-    rows = base_results["rows"]
-    stopped = check_schema_outputs(rows, base_results["schemas"])
+# Stop counts measured with these settings (greedy, frequency_penalty 0.5, max_tokens 256):
+# base 43/50 schemas, 5/6 objects; through the adapter 46/50 and 5/6; the cat sampled at
+# temperature 1, 1/10. The bounds are those counts less a margin for numerics (other CPUs
+# and thread counts reorder float sums, and one flipped greedy token changes a run).
+# Without the penalty: 26/50 schemas, 0/6 objects (docs/structured-output.md).
+def test_fifty_schemas_generate_valid_json(results):
+    rows = results["rows"]
+    stopped = check_schema_outputs(rows, results["schemas"])
     print(f"\n{len(rows)} schemas: {stopped} stopped and validated, {len(rows) - stopped} hit max_tokens")
-    assert len(rows) == 50 and stopped >= 0.4 * len(rows)
+    assert len(rows) == 50 and stopped >= 41
 
 
-def test_json_object_outputs_parse(base_results):
-    stopped = check_object_outputs(base_results["objects"])
-    print(f"\njson_object: {stopped}/{len(base_results['objects'])} sampled outputs stopped and parsed")
-    assert stopped >= 1
+def test_json_object_outputs_parse(results):
+    stopped = check_object_outputs(results["objects"])
+    print(f"\njson_object: {stopped}/{len(OBJECT_PROMPTS)} greedy outputs stopped and parsed")
+    assert stopped >= 4
 
 
-def test_cat_fenced_without_constraint_bare_json_with_it(base_results):
-    free_text, _ = base_results["cat_free"]
+def test_cat_fenced_without_constraint_bare_json_with_it(results):
+    free_text, _ = results["cat_free"][0]
     assert free_text.startswith("```"), free_text          # the model's habit: a fenced block
-    stopped = check_object_outputs(base_results["cat"])    # constrained: bare JSON every time
+    stopped = check_object_outputs(results["cat"])         # constrained: bare JSON every time
     print(f"\ncat under json_object: {stopped}/{len(SEEDS)} sampled outputs stopped and parsed")
     assert stopped >= 1
 
 
-def test_constraints_through_a_lora_adapter(engine, grammars):
-    """Adapter and base rows, all constrained, mixed in one batch."""
-    if not (ADAPTERS / ADAPTER / "adapter_config.json").is_file():
-        pytest.fail(f"adapter {ADAPTER!r} is missing from {ADAPTERS}")
-    rows = pick_schemas(grammars, 50)[::5]
-    jobs = [schema_job(grammars, row, ADAPTER) for row in rows]
-    jobs += [object_job(grammars, p, GREEDY, ADAPTER) for p in OBJECT_PROMPTS[:3]]
-    jobs += [object_job(grammars, p, GREEDY) for p in OBJECT_PROMPTS[:3]]
-    outputs = run(engine, jobs)
-    stopped = check_schema_outputs(rows, outputs[:len(rows)])
-    objects = check_object_outputs(outputs[len(rows):])
-    print(f"\nadapter {ADAPTER}: {stopped}/{len(rows)} schemas and {objects}/6 objects stopped and validated")
-    assert stopped >= 1 and objects >= 1
+def test_constraints_through_a_lora_adapter(results):
+    """The same schemas and prompts through the adapter, mixed in one batch with base rows."""
+    rows = results["rows"]
+    stopped = check_schema_outputs(rows, results["adapter_schemas"])
+    objects = check_object_outputs(results["adapter_objects"])
+    print(f"\nadapter {ADAPTER}: {stopped}/{len(rows)} schemas and {objects}/{len(OBJECT_PROMPTS)} objects "
+          f"stopped and validated")
+    assert stopped >= 44 and objects >= 4
+
+
+def test_mask_overlap_does_not_change_tokens(engine, grammars):
+    """Engine.overlap_masks fills masks during the forward; the tokens are the same without it."""
+    rows = pick_schemas(grammars, 50)[:8]
+    tokens = {}
+    for overlap in (True, False):
+        engine.overlap_masks = overlap
+        reqs = [Request(engine.tokenizer.encode_chat([{"role": "user", "content": message}]), SHORT,
+                        constraint=matcher)
+                for message, _, matcher, _ in (schema_job(grammars, row) for row in rows)]
+        for r in reqs:
+            engine.add_request(r)
+        while engine.has_unfinished():
+            engine.step()
+        tokens[overlap] = [r.output_ids for r in reqs]
+    engine.overlap_masks = True
+    assert all(len(t) > 5 for t in tokens[True])
+    assert tokens[True] == tokens[False]
