@@ -54,6 +54,9 @@ def _run(engine: Engine, prompts: list[list[int]], adapters: list[str | None], b
             in_flight += 1
         s0 = time.perf_counter()
         outs = engine.step()
+        if engine.last_step_tokens == 0 and not outs:   # adapters still loading: let the loader run
+            time.sleep(0.005)
+            continue
         step_time += time.perf_counter() - s0
         steps += 1
         generated += sum(len(o.new_token_ids) for o in outs)
@@ -77,7 +80,12 @@ def run_bench(config: EngineConfig, args: argparse.Namespace) -> int:
         names = _write_adapters(engine, tmp, args.adapters) if args.adapters > 0 else []
         prompts = _prompts(engine, args.prompts)
         adapters = [names[i % len(names)] if names else None for i in range(len(prompts))]
-        _run(engine, prompts[:2], adapters[:2], 2, 2)  # warm-up: first-call repacks, adapter loads
+        # Warm-up, untimed: the first forward repacks NF4 weights, and every adapter that fits the
+        # device slots is loaded once, so the timed runs measure steady state. With more adapters
+        # than --max-loras the timed runs include the loads that cycling them through slots costs.
+        warm = max(2, min(len(names), config.max_loras))
+        _run(engine, prompts[:warm], [names[i % len(names)] if names else None for i in range(warm)],
+             warm, 2)
         rows = [_run(engine, prompts, adapters, b, args.max_tokens) for b in batch_sizes]
     result = {"model": config.model, "quantization": config.quantization, "device": str(engine.device),
               "dtype": str(engine.dtype).replace("torch.", ""), "max_tokens": args.max_tokens,
