@@ -56,3 +56,26 @@ def test_rank_slicing_equals_padding_when_slots_are_zero_padded():
 def test_select_backend():
     assert ops.select_backend("cpu").name == "torch"
     assert ops.select_backend("cuda").name == "triton"
+
+
+def test_apply_runs_single_threaded_and_restores_the_thread_count(monkeypatch):
+    """The small per-group ops run on one thread; the caller's thread count comes back after."""
+    a, b = _stacks(1)
+    lora = make_batch(PATTERNS[0], [1] * 9, S, SLOT_RANKS, seed=3)
+    x = torch.randn(lora.token_slots.shape[0], D_IN)
+    y0 = torch.randn(lora.token_slots.shape[0], D_OUT)
+    seen = []
+    real = ops._apply_groups
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+    monkeypatch.setattr(ops, "_apply_groups", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = ops.apply(x, a, b, lora, y0.clone())
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), loop_reference(x, a, b, lora, y0), atol=1e-4, rtol=1e-4)
