@@ -84,8 +84,7 @@ def run_bench(config: EngineConfig, args: argparse.Namespace) -> int:
         # device slots is loaded once, so the timed runs measure steady state. With more adapters
         # than --max-loras the timed runs include the loads that cycling them through slots costs.
         warm = max(2, min(len(names), config.max_loras))
-        _run(engine, prompts[:warm], [names[i % len(names)] if names else None for i in range(warm)],
-             warm, 2)
+        _run(engine, prompts[:warm], adapters[:warm], warm, 2)
         rows = [_run(engine, prompts, adapters, b, args.max_tokens) for b in batch_sizes]
     result = {"model": config.model, "quantization": config.quantization, "device": str(engine.device),
               "dtype": str(engine.dtype).replace("torch.", ""), "max_tokens": args.max_tokens,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from server.model.fingerprint import BASE_SHA256, model_content_hash, read_base_hash  # noqa: F401
+from server.model.fingerprint import BASE_SHA256
 
 BASE_MODEL = "loraplex_base_model"
 TRAIN_SETTINGS = "loraplex_train"

@@ -26,7 +26,8 @@ from server.train.config import TARGET_MODULES, TrainConfig
 from server.train.data import IGNORE, Example, load_examples
 from server.train.export import save_adapter
 from server.train.model import add_lora, load_base, load_tokenizer, resolve_model_folder
-from server.train.provenance import model_content_hash, provenance_metadata
+from server.model.fingerprint import model_content_hash
+from server.train.provenance import provenance_metadata
 
 log = logging.getLogger(__name__)
 
