@@ -1,7 +1,9 @@
 """LayerSlots: one linear's stacked adapter buffers, allocated once; loading is copy_ into a slot.
 
     a[max_loras, r_max, d_in]     A of the adapter in each slot, rows past its rank zero
-    b[max_loras, d_out, r_max]    B' = scale·B, columns past its rank zero
+    b[max_loras, d_out, r_max]    B' = scale·B, columns past its rank zero; stored r-major
+                                  (a transposed view of (max_loras, r_max, d_out)), so the
+                                  CPU expand streams B'ᵀ rows (3x faster than strided here)
 
 A slot whose adapter does not target this module stays all zero, so the LoRA path adds
 nothing for it. Addresses never change after allocation (CUDA graphs stay valid).
@@ -21,7 +23,7 @@ class LayerSlots:
         self.r_max = r_max
         self.ops = ops
         self.a = torch.zeros(num_slots, r_max, d_in, device=device, dtype=dtype)   # (S, r_max, d_in)
-        self.b = torch.zeros(num_slots, d_out, r_max, device=device, dtype=dtype)  # (S, d_out, r_max)
+        self.b = torch.zeros(num_slots, r_max, d_out, device=device, dtype=dtype).transpose(1, 2)  # (S, d_out, r_max)
         self.ranks = [0] * num_slots   # this module's rank in each slot (0 = untargeted / empty)
 
     def load(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:

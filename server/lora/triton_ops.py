@@ -47,7 +47,7 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, out_ptr, slots_ptr, ranks_ptr, d_in,
 
 @triton.jit
 def _bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, ranks_ptr, d_out,
-                        stride_ht, stride_bs, stride_bn, stride_yt,
+                        stride_ht, stride_bs, stride_bn, stride_br, stride_yt,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -59,7 +59,7 @@ def _bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, slots_ptr, ranks_ptr, d_out,
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < d_out
         h = tl.load(h_ptr + row * stride_ht + offs_r, mask=r_mask, other=0.0).to(tl.float32)  # (R,)
-        b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :],
+        b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # (N, R)
         acc = tl.sum(b * h[None, :], axis=1)  # (N,)
         y_ptrs = y_ptr + row * stride_yt + offs_n
@@ -104,7 +104,7 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, out_ptr, starts_ptr, ends_ptr, slots_ptr, 
 
 @triton.jit
 def _sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, ends_ptr, slots_ptr, ranks_ptr, d_out,
-                        stride_ht, stride_bs, stride_bn, stride_yt,
+                        stride_ht, stride_bs, stride_bn, stride_br, stride_yt,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr):
     seg = tl.program_id(0)
@@ -122,7 +122,7 @@ def _sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, ends_ptr, slots_ptr, ra
         r_mask = offs_r < rank
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < d_out
-        b = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] + offs_n[None, :] * stride_bn,
+        b = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # (R, N)
         h = tl.load(h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # (M, R)
@@ -170,6 +170,11 @@ def bgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor, ran
     return out
 
 
+def _dense_slots(b_stack: torch.Tensor) -> bool:
+    """(S, d_out, r_max) stored either way round inside each slot (LayerSlots keeps r major)."""
+    return b_stack.stride(0) == b_stack.shape[1] * b_stack.shape[2] and 1 in (b_stack.stride(1), b_stack.stride(2))
+
+
 def bgmv_expand(h: torch.Tensor, b_stack: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
     """Per-row low-rank expansion, added in place.
@@ -181,10 +186,10 @@ def bgmv_expand(h: torch.Tensor, b_stack: torch.Tensor, slots: torch.Tensor, ran
     """
     T, d_out = y.shape
     r_max = b_stack.shape[2]
-    assert y.stride(1) == 1 and h.stride(1) == 1 and b_stack.is_contiguous()
+    assert y.stride(1) == 1 and h.stride(1) == 1 and _dense_slots(b_stack)
     block_n = min(128, triton.next_power_of_2(d_out))
     _bgmv_expand_kernel[(T, triton.cdiv(d_out, block_n))](
-        h, b_stack, y, slots, ranks, d_out, h.stride(0), b_stack.stride(0), b_stack.stride(1), y.stride(0),
+        h, b_stack, y, slots, ranks, d_out, h.stride(0), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), y.stride(0),
         BLOCK_R=_block_r(r_max, 1), BLOCK_N=block_n)
     return y
 
@@ -228,7 +233,7 @@ def sgmv_expand(h: torch.Tensor, b_stack: torch.Tensor, seg: SegmentTables, y: t
     """
     T, d_out = y.shape
     r_max = b_stack.shape[2]
-    assert y.stride(1) == 1 and h.stride(1) == 1 and b_stack.is_contiguous()
+    assert y.stride(1) == 1 and h.stride(1) == 1 and _dense_slots(b_stack)
     n_seg = seg.seg_slots.shape[0]
     if n_seg == 0:
         return y
@@ -236,7 +241,7 @@ def sgmv_expand(h: torch.Tensor, b_stack: torch.Tensor, seg: SegmentTables, y: t
     grid = (n_seg, triton.cdiv(seg.max_seg_len, block_m), triton.cdiv(d_out, block_n))
     _sgmv_expand_kernel[grid](
         h, b_stack, y, seg.seg_starts, seg.seg_ends, seg.seg_slots, seg.seg_ranks, d_out,
-        h.stride(0), b_stack.stride(0), b_stack.stride(1), y.stride(0),
+        h.stride(0), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), y.stride(0),
         BLOCK_M=block_m, BLOCK_R=_block_r(r_max, 16), BLOCK_N=block_n,
         PRECISION=_precision(b_stack.dtype))
     return y

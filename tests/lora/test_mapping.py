@@ -23,3 +23,35 @@ def test_slot_groups_and_tables():
     assert t.max_seg_len == 2 and t.mean_seg_len == pytest.approx(6 / 4)
     empty = LoraBatch.from_row_slots([-1, -1], [0, 0], "cpu")
     assert not empty.any and empty.tables().seg_slots.numel() == 0
+
+
+def test_plan_pads_small_groups_into_slot_blocks_and_keeps_big_groups_apart():
+    from server.lora.mapping import PAD_MAX_ROWS
+    #        row: 0  1  2  3  4  5  6   7  8  9 10 11 12 13
+    rows_slots = [5, 0, 1, 3, 7, 7, -1, 9, 2, 2, 2, 2, 2, 2]
+    rank_of = {0: 8, 1: 8, 3: 8, 7: 8, 9: 8, 5: 4, 2: 8}
+    lora = LoraBatch.from_row_slots(rows_slots, [rank_of.get(s, 0) for s in rows_slots], "cpu")
+    plan = lora.plan()
+    assert plan is lora.plan()                     # built once per step
+    assert rows_slots.count(2) > PAD_MAX_ROWS
+    assert [(s, r) for s, r, _ in plan.groups] == [(2, 8)]    # six rows: its own matmuls
+    assert plan.groups[0][2] == slice(8, 14)
+    blocks = {(b.lo, b.hi, b.rank): b for b in plan.blocks}
+    # rank 8: slots 0, 1, 3 bridge the idle slot 2 (gap 1); 7 and 9 are 4 away from 3, so a new block
+    assert set(blocks) == {(0, 4, 8), (7, 10, 8), (5, 6, 4)}
+    b = blocks[(0, 4, 8)]
+    assert b.width == 1 and b.rows.tolist() == [1, 2, 3] and b.dest.tolist() == [0, 1, 3] and b.src is None
+    b = blocks[(7, 10, 8)]   # slot 7 has two rows: width 2, slot 9's second position empty
+    assert b.width == 2 and b.rows.tolist() == [4, 5, 7] and b.dest.tolist() == [0, 1, 4] and b.src is None
+    b = blocks[(5, 6, 4)]
+    assert b.width == 1 and b.rows.tolist() == [0] and b.dest.tolist() == [0] and b.src.tolist() == [0]
+
+
+def test_plan_full_block_gathers_every_row():
+    """Distinct adapters in contiguous slots, one row each, in any row order: one full block."""
+    rows_slots = [3, 1, 0, 2]
+    plan = LoraBatch.from_row_slots(rows_slots, [16] * 4, "cpu").plan()
+    assert plan.groups == [] and len(plan.blocks) == 1
+    b = plan.blocks[0]
+    assert (b.lo, b.hi, b.width, b.rows) == (0, 4, 1, None)
+    assert b.dest.tolist() == [3, 1, 0, 2] and b.src.tolist() == [2, 1, 3, 0]

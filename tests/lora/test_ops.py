@@ -65,12 +65,12 @@ def test_apply_runs_single_threaded_and_restores_the_thread_count(monkeypatch):
     x = torch.randn(lora.token_slots.shape[0], D_IN)
     y0 = torch.randn(lora.token_slots.shape[0], D_OUT)
     seen = []
-    real = ops._apply_groups
+    real = ops._apply_plan
 
     def spy(*args):
         seen.append(torch.get_num_threads())
         return real(*args)
-    monkeypatch.setattr(ops, "_apply_groups", spy)
+    monkeypatch.setattr(ops, "_apply_plan", spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -78,4 +78,33 @@ def test_apply_runs_single_threaded_and_restores_the_thread_count(monkeypatch):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), loop_reference(x, a, b, lora, y0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS + ("shared4",))
+@pytest.mark.parametrize("seq_lens", [[1] * 32, [1] * 20 + [6, 1, 9, 2]], ids=["decode", "mixed"])
+def test_plan_path_matches_fp64_loop_with_many_slots(pattern, seq_lens):
+    """32 slots: padded blocks (bridged idle slots, widths > 1, several ranks) and big groups.
+    Idle slots hold NaN, so any read of a slot no row uses would show."""
+    n_slots, r_max, d_in, d_out = 32, 16, 24, 20
+    g = torch.Generator().manual_seed(7)
+    ranks = [(4, 16, 8)[s % 3] for s in range(n_slots)]
+    if pattern == "shared4":   # every adapter used by exactly 4 rows (full blocks of width 4)
+        seq_slots = [s // 4 for s in range(len(seq_lens))]
+    else:
+        seq_slots = None
+    lora = make_batch(pattern, seq_lens, n_slots, ranks, seed=11) if seq_slots is None else \
+        LoraBatch.from_row_slots([s for s, n in zip(seq_slots, seq_lens) for _ in range(n)],
+                                 [ranks[s] for s, n in zip(seq_slots, seq_lens) for _ in range(n)], "cpu")
+    a = torch.randn(n_slots, r_max, d_in, generator=g)
+    b = torch.randn(n_slots, r_max, d_out, generator=g).transpose(1, 2)   # LayerSlots' layout
+    used = set(lora.token_slots.tolist())
+    for s in range(n_slots):
+        if s not in used:
+            a[s] = float("nan")
+            b[s] = float("nan")
+    T = lora.token_slots.shape[0]
+    x = torch.randn(T, d_in, generator=g)
+    y0 = torch.randn(T, d_out, generator=g)
+    out = ops.apply(x, a, b, lora, y0.clone())
     torch.testing.assert_close(out.double(), loop_reference(x, a, b, lora, y0), atol=1e-4, rtol=1e-4)

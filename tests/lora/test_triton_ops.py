@@ -9,10 +9,20 @@ S, R_MAX, D_IN, D_OUT = 5, 16, 72, 40
 SLOT_RANKS = [16, 4, 8, 12, 1]
 
 
-def _setup(pattern, seq_lens, seed):
+LAYOUTS = ("r_major", "n_major")   # how B (S, d_out, r_max) is stored: LayerSlots' way, and plain
+
+
+def _b_stack(g, layout):
+    """B as (S, d_out, r_max); "r_major" is a transposed view of (S, r_max, d_out), as in LayerSlots."""
+    if layout == "r_major":
+        return torch.randn(S, R_MAX, D_OUT, generator=g).transpose(1, 2)
+    return torch.randn(S, D_OUT, R_MAX, generator=g)
+
+
+def _setup(pattern, seq_lens, seed, layout="n_major"):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(S, R_MAX, D_IN, generator=g)   # (S, r_max, d_in)
-    b = torch.randn(S, D_OUT, R_MAX, generator=g)  # (S, d_out, r_max)
+    b = _b_stack(g, layout)                        # (S, d_out, r_max)
     lora = make_batch(pattern, seq_lens, S, SLOT_RANKS, seed=seed)
     T = lora.token_slots.shape[0]
     x = torch.randn(T, D_IN, generator=g)
@@ -20,9 +30,10 @@ def _setup(pattern, seq_lens, seed):
     return a, b, lora, x, y0
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_bgmv_matches_reference(pattern):
-    a, b, lora, x, y0 = _setup(pattern, [1] * 7, seed=3)
+def test_bgmv_matches_reference(pattern, layout):
+    a, b, lora, x, y0 = _setup(pattern, [1] * 7, seed=3, layout=layout)
     t = lora.tables()
     h = triton_ops.bgmv_shrink(x, a, lora.token_slots, t.token_ranks)
     torch.testing.assert_close(h, ops.shrink(x, a, lora), atol=1e-4, rtol=1e-4)
@@ -31,9 +42,10 @@ def test_bgmv_matches_reference(pattern):
     torch.testing.assert_close(y.double(), loop_reference(x, a, b, lora, y0), atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_sgmv_matches_reference(pattern):
-    a, b, lora, x, y0 = _setup(pattern, [20, 3, 9, 1, 17], seed=4)
+def test_sgmv_matches_reference(pattern, layout):
+    a, b, lora, x, y0 = _setup(pattern, [20, 3, 9, 1, 17], seed=4, layout=layout)
     t = lora.tables()
     h = triton_ops.sgmv_shrink(x, a, t)
     torch.testing.assert_close(h, ops.shrink(x, a, lora), atol=1e-4, rtol=1e-4)
