@@ -86,7 +86,7 @@ async def _constraints(state: ServerState, body: SamplingRequest, count: int) ->
         return []
     compiler = state.engine.compiler
     compiled = await compiler.compile_async(spec)
-    return [compiler.new_matcher(compiled) for _ in range(count)]
+    return [compiler.new_matcher(compiled, spec.close_within) for _ in range(count)]
 
 
 async def _prepare(request: Request, body: SamplingRequest, prompts_of) -> tuple[ServerState, Generation]:

@@ -68,9 +68,10 @@ class CompiledGrammar:
     warnings: tuple[str, ...]
 
 
-def new_matcher(compiled: CompiledGrammar) -> Matcher:
-    """A fresh matcher at the grammar's start (a copy of the template: microseconds)."""
-    return Matcher(compiled.template.deep_copy(), compiled.vocab_size, compiled.eos_token_id)
+def new_matcher(compiled: CompiledGrammar, close_within: int = 0) -> Matcher:
+    """A fresh matcher at the grammar's start (a copy of the template: microseconds).
+    close_within: the spec's closing budget (ConstraintSpec.close_within)."""
+    return Matcher(compiled.template.deep_copy(), compiled.vocab_size, compiled.eos_token_id, close_within)
 
 
 class GrammarCompiler:
@@ -116,8 +117,8 @@ class GrammarCompiler:
         except asyncio.TimeoutError as e:
             raise self._timeout_error(spec) from e
 
-    def new_matcher(self, compiled: CompiledGrammar) -> Matcher:
-        return new_matcher(compiled)
+    def new_matcher(self, compiled: CompiledGrammar, close_within: int = 0) -> Matcher:
+        return new_matcher(compiled, close_within)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -18,10 +18,12 @@ from server.errors import GrammarError
 
 
 class Matcher:
-    def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, eos_token_id: int) -> None:
+    def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, eos_token_id: int,
+                 close_within: int = 0) -> None:
         self._inner = inner
         self.vocab_size = vocab_size          # bits in one mask row (the tokenizer's vocabulary)
         self.eos_token_id = eos_token_id
+        self.close_within = close_within      # ConstraintSpec.close_within: the engine's closing budget
         self.num_consumed = 0
 
     @property
@@ -54,7 +56,7 @@ class Matcher:
 
     def fork(self) -> Matcher:
         """An independent copy at the same position (compiled grammar shared, no recompile)."""
-        twin = Matcher(self._inner.deep_copy(), self.vocab_size, self.eos_token_id)
+        twin = Matcher(self._inner.deep_copy(), self.vocab_size, self.eos_token_id, self.close_within)
         twin.num_consumed = self.num_consumed
         return twin
 

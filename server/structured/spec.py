@@ -12,13 +12,22 @@ Two request fields may carry a constraint:
     {"regex": "<pattern>"}                            the whole output matches the pattern
     {"choice": ["a", "b", ...]}                       the output is exactly one of the strings
     {"grammar": "<Lark grammar>"}                     llguidance's Lark dialect
-  plus, optionally, {"whitespace": "compact" | "flexible"} (JSON constraints only).
+  plus, optionally, {"whitespace": "compact" | "flexible"} and {"close_within": N} (JSON
+  constraints only; both may be given alongside response_format).
 
 Whitespace: JSON output is compact by default (no whitespace between tokens, separators
 "," and ":"), so a model cannot pad its answer with spaces or newlines until max_tokens.
 A request opts back in with structured_outputs {"whitespace": "flexible"} (which may be
 given alongside response_format), or inside the schema with llguidance's own setting
 `"x-guidance": {"whitespace_flexible": true}`.
+
+Closing within the budget: with close_within N > 0, the last N tokens before max_tokens are
+spent closing the JSON value. From then on, whenever the grammar allows a token made only
+of closing characters (`"`, `]`, `}`) or the end of output, only those tokens may be
+sampled; where it allows none (a required key, a value, a minLength), decoding is as usual.
+A model that would ramble inside a string until max_tokens then ends with a complete,
+valid value and finish_reason "stop" (the text is cut short, not truncated). Off (0) by
+default, as in OpenAI's API, where max_tokens cuts the output wherever it is.
 
 `strict` is accepted and has no effect: every schema is enforced in full or refused.
 """
@@ -35,6 +44,8 @@ KINDS = ("json", "regex", "choice", "grammar")
 WHITESPACE = ("compact", "flexible")
 _CONSTRAINT_KEYS = ("json", "json_object", "regex", "choice", "grammar")
 _ANY_OBJECT = '{"type":"object"}'
+_OPTIONS = ("whitespace", "close_within")
+MAX_CLOSE_WITHIN = 4096
 
 
 @dataclass(frozen=True)
@@ -48,17 +59,25 @@ class ConstraintSpec:
                 them, so {"a","b"} and {"b","a"} are different grammars).
     whitespace: "compact" or "flexible"; only meaningful for kind "json".
     name:       json_schema.name, used in error messages.
+    close_within: closing budget in tokens (see above); not part of the grammar.
     """
     kind: str
     source: str
     whitespace: str = "compact"
     name: str = ""
+    close_within: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise GrammarError(f"constraint kind must be one of {KINDS}, got {self.kind!r}")
         if self.whitespace not in WHITESPACE:
             raise GrammarError(f"whitespace must be one of {WHITESPACE}, got {self.whitespace!r}")
+        if isinstance(self.close_within, bool) or not isinstance(self.close_within, int) \
+                or not 0 <= self.close_within <= MAX_CLOSE_WITHIN:
+            raise GrammarError(f"close_within must be an integer in 0..{MAX_CLOSE_WITHIN}, "
+                               f"got {self.close_within!r}")
+        if self.close_within and self.kind != "json":
+            raise GrammarError(f"close_within applies to JSON constraints only, not to {self.kind!r}")
         if not isinstance(self.source, str):
             raise GrammarError(f"constraint source must be a string, got {type(self.source).__name__}")
 
@@ -78,20 +97,22 @@ def parse_constraint(response_format: dict | None,
                      structured_outputs: dict | None) -> ConstraintSpec | None:
     """The request's constraint, or None when it has none; GrammarError when malformed."""
     from_format = _from_response_format(response_format)
-    whitespace, from_outputs = _from_structured_outputs(structured_outputs)
+    options, from_outputs = _from_structured_outputs(structured_outputs)
     if from_format is not None and from_outputs is not None:
         raise GrammarError("give a constraint in response_format or in structured_outputs, not both")
     spec = from_format if from_format is not None else from_outputs
+    given = [k for k in _OPTIONS if options.get(k) is not None]
     if spec is None:
-        if whitespace is not None:
-            raise GrammarError("structured_outputs.whitespace needs a JSON constraint "
+        if given:
+            raise GrammarError(f"structured_outputs.{given[0]} needs a JSON constraint "
                                "(response_format json_object/json_schema or structured_outputs.json)")
         return None
-    if whitespace is not None:
+    if given:
         if spec.kind != "json":
-            raise GrammarError(f"structured_outputs.whitespace applies to JSON constraints only, "
+            raise GrammarError(f"structured_outputs.{given[0]} applies to JSON constraints only, "
                                f"not to {spec.kind!r}")
-        spec = ConstraintSpec(spec.kind, spec.source, whitespace, spec.name)
+        spec = ConstraintSpec(spec.kind, spec.source, options.get("whitespace") or spec.whitespace, spec.name,
+                              spec.close_within if options.get("close_within") is None else options["close_within"])
     return spec
 
 
@@ -124,23 +145,30 @@ def _from_response_format(rf: dict | None) -> ConstraintSpec | None:
     raise GrammarError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
 
-def _from_structured_outputs(so: dict | None) -> tuple[str | None, ConstraintSpec | None]:
+def _from_structured_outputs(so: dict | None) -> tuple[dict, ConstraintSpec | None]:
+    """-> ({option: value} for the options given, the constraint or None)."""
     if so is None:
-        return None, None
+        return {}, None
     if not isinstance(so, dict):
         raise GrammarError(f"structured_outputs must be an object, got {type(so).__name__}")
-    unknown = sorted(set(so) - set(_CONSTRAINT_KEYS) - {"whitespace"})
+    unknown = sorted(set(so) - set(_CONSTRAINT_KEYS) - set(_OPTIONS))
     if unknown:
         raise GrammarError(f"structured_outputs has unknown fields {unknown}; "
-                           f"allowed: {list(_CONSTRAINT_KEYS) + ['whitespace']}")
+                           f"allowed: {list(_CONSTRAINT_KEYS) + list(_OPTIONS)}")
     whitespace = so.get("whitespace")
     if whitespace is not None and whitespace not in WHITESPACE:
         raise GrammarError(f"structured_outputs.whitespace must be one of {WHITESPACE}, got {whitespace!r}")
+    close = so.get("close_within")
+    if close is not None and (isinstance(close, bool) or not isinstance(close, int)
+                              or not 0 <= close <= MAX_CLOSE_WITHIN):
+        raise GrammarError(f"structured_outputs.close_within must be an integer in 0..{MAX_CLOSE_WITHIN}, "
+                           f"got {close!r}")
+    options = {"whitespace": whitespace, "close_within": close}
     given = [k for k in _CONSTRAINT_KEYS if so.get(k) is not None]
     if len(given) > 1:
         raise GrammarError(f"structured_outputs takes one of {list(_CONSTRAINT_KEYS)}, got {given}")
     if not given:
-        return whitespace, None
+        return options, None
     key = given[0]
     value = so[key]
     if key == "json":
@@ -149,19 +177,19 @@ def _from_structured_outputs(so: dict | None) -> tuple[str | None, ConstraintSpe
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"structured_outputs.json is not valid JSON: {e}") from e
-        return whitespace, ConstraintSpec("json", _schema_source(value, "structured_outputs.json"))
+        return options, ConstraintSpec("json", _schema_source(value, "structured_outputs.json"))
     if key == "json_object":
         if value is not True:
             raise GrammarError(f"structured_outputs.json_object must be true, got {value!r}")
-        return whitespace, ConstraintSpec("json", _ANY_OBJECT)
+        return options, ConstraintSpec("json", _ANY_OBJECT)
     if key == "choice":
         if (not isinstance(value, list) or not value
                 or not all(isinstance(c, str) for c in value)):
             raise GrammarError(f"structured_outputs.choice must be a non-empty list of strings, got {value!r}")
-        return whitespace, ConstraintSpec("choice", canonical_json(value))
+        return options, ConstraintSpec("choice", canonical_json(value))
     if not isinstance(value, str) or not value:
         raise GrammarError(f"structured_outputs.{key} must be a non-empty string, got {value!r}")
-    return whitespace, ConstraintSpec(key, value)
+    return options, ConstraintSpec(key, value)
 
 
 def _schema_source(schema: Any, where: str) -> str:

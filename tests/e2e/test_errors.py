@@ -97,6 +97,13 @@ def test_bad_response_format_is_400(live_server, rf):
     _error(_post(live_server, CHAT, {"model": "base", "messages": MSG, "response_format": rf}), 400)
 
 
+@pytest.mark.parametrize("so", [{"json_object": True, "close_within": -3}, {"close_within": 8},
+                                {"regex": "a+", "close_within": 8}])
+def test_bad_close_within_is_400(live_server, so):
+    err = _error(_post(live_server, CHAT, {"model": "base", "messages": MSG, "structured_outputs": so}), 400)
+    assert "close_within" in err["message"]
+
+
 def test_bad_token_ids_are_400(live_server):
     _error(_post(live_server, "/v1/completions", {"model": "base", "prompt": [1, 2, 10**7]}), 400, "prompt")
     _error(_post(live_server, "/v1/completions", {"model": "base", "prompt": []}), 400, "prompt")

@@ -168,6 +168,25 @@ def test_json_schema_through_an_adapter(client):
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+def test_close_within_turns_a_cut_off_json_value_into_a_complete_one(client, base_id):
+    """The same greedy request, cut at max_tokens without a closing budget, closed with one."""
+    schema = {"type": "object", "required": ["title", "story", "tags"],
+              "properties": {"title": {"type": "string"}, "story": {"type": "string"},
+                             "tags": {"type": "array", "items": {"type": "string"}}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "story", "schema": schema}}
+    msg = [{"role": "user", "content": "Write a very long story about a dragon as JSON."}]
+    cut = client.chat.completions.create(model=base_id, messages=msg, max_tokens=16, temperature=0,
+                                         response_format=rf)
+    closed = client.chat.completions.create(model=base_id, messages=msg, max_tokens=16, temperature=0,
+                                            response_format=rf,
+                                            extra_body={"structured_outputs": {"close_within": 14}})
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 16
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut.choices[0].message.content)
+    assert closed.choices[0].finish_reason == "stop" and closed.usage.completion_tokens <= 16
+    jsonschema.validate(json.loads(closed.choices[0].message.content), schema)
+
+
 def _ids(url: str, tenant: str) -> list[str]:
     c = openai.OpenAI(base_url=url + "/v1", api_key=KEYS[tenant], max_retries=0)
     return [m.id for m in c.models.list().data]

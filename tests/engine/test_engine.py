@@ -143,3 +143,36 @@ def test_grammar_constraint_gives_valid_json(engine):
         jsonschema.validate(json.loads(texts[r.request_id]), schema)
     assert finish[reqs[2].request_id] == FinishReason.LENGTH and engine.pool.num_used == 0
     compiler.close()
+
+
+def test_close_within_ends_a_rambling_json_value_inside_the_budget(engine):
+    """A schema with free strings: greedy runs to max_tokens; with close_within the same tokens
+    come out until the budget starts, then the value is closed, valid, with reason "stop"."""
+    import json
+
+    import jsonschema
+
+    from server.structured.grammar import GrammarCompiler
+    from server.structured.spec import parse_constraint
+
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"},
+                                               "tags": {"type": "array", "items": {"type": "string"}}},
+              "required": ["title", "story", "tags"]}
+    compiler = GrammarCompiler(engine.tokenizer.hf)
+    spec = parse_constraint(None, {"json": schema, "close_within": 12})
+    compiled = compiler.compile(spec)
+    chat = engine.tokenizer.encode_chat([{"role": "user", "content": "Write a very long story about a dragon as JSON."}])
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    free, closing = (Request(list(chat), params, constraint=compiler.new_matcher(compiled, budget))
+                     for budget in (0, spec.close_within))
+    for r in (free, closing):
+        engine.add_request(r)
+    while engine.has_unfinished():
+        engine.step()
+    compiler.close()
+    assert free.finish_reason == FinishReason.LENGTH and len(free.output_ids) == 24, engine.tokenizer.decode(free.output_ids)
+    assert closing.finish_reason == FinishReason.STOP and len(closing.output_ids) <= 24, engine.tokenizer.decode(closing.output_ids)
+    text = engine.tokenizer.decode(closing.output_ids)
+    jsonschema.validate(json.loads(text), schema)
+    assert closing.output_ids[:24 - 12] == free.output_ids[:24 - 12], "closing began before the budget"
+    assert closing.output_ids != free.output_ids[:len(closing.output_ids)]

@@ -40,6 +40,15 @@ def test_whitespace_option():
     assert flexible.cache_key != parse_constraint({"type": "json_object"}, None).cache_key
 
 
+def test_close_within_option():
+    spec = parse_constraint({"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
+                            {"close_within": 32, "whitespace": "flexible"})
+    assert (spec.close_within, spec.whitespace, spec.name) == (32, "flexible", "t")
+    assert parse_constraint(None, {"json": SCHEMA}).close_within == 0
+    # not part of the grammar: the same compiled grammar serves every budget
+    assert spec.cache_key == parse_constraint(None, {"json": SCHEMA, "whitespace": "flexible"}).cache_key
+
+
 def test_cache_key_ignores_name_but_not_schema():
     a = parse_constraint({"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}, None)
     b = parse_constraint({"type": "json_schema", "json_schema": {"name": "b", "schema": SCHEMA}}, None)
@@ -66,6 +75,12 @@ def test_cache_key_ignores_name_but_not_schema():
     (None, {"whitespace": "loose"}, "whitespace must be one of"),
     (None, {"whitespace": "flexible"}, "needs a JSON constraint"),
     (None, {"regex": "a", "whitespace": "flexible"}, "JSON constraints only"),
+    (None, {"json_object": True, "close_within": -1}, "close_within must be an integer in 0..4096"),
+    (None, {"json_object": True, "close_within": "8"}, "close_within must be an integer"),
+    (None, {"json_object": True, "close_within": True}, "close_within must be an integer"),
+    (None, {"json_object": True, "close_within": 5000}, "close_within must be an integer"),
+    (None, {"close_within": 8}, "needs a JSON constraint"),
+    (None, {"choice": ["a"], "close_within": 8}, "JSON constraints only"),
     ({"type": "json_object"}, {"regex": "a"}, "not both"),
     (None, "regex", "structured_outputs must be an object"),
 ])
@@ -80,3 +95,5 @@ def test_spec_validates_itself():
         ConstraintSpec("yaml", "x")
     with pytest.raises(GrammarError, match="whitespace must be one of"):
         ConstraintSpec("json", "{}", "loose")
+    with pytest.raises(GrammarError, match="close_within applies to JSON constraints only"):
+        ConstraintSpec("regex", "a+", close_within=4)
