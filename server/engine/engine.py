@@ -103,7 +103,7 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self.overlap_masks = True     # grammar masks fill on _mask_pool during the forward (False: inline)
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        self._closing = None          # structured.bitmask.ClosingTokens, built on first use
+        self._closing = None          # structured.closing.ClosingTokens, built on first use
         self.last_step_tokens = 0     # tokens the last step computed (0: nothing could run)
         log.info("engine ready: %d KV blocks x %d tokens, max_model_len %d, device %s",
                  num_blocks, config.block_size, self.max_model_len, self.device)
@@ -195,18 +195,12 @@ class Engine:
         logits[rows] = sub
 
     def _close(self, row: torch.Tensor, req: Request, eos_token_id: int) -> None:
-        """Inside a request's closing budget (ConstraintSpec.close_within): only tokens that close
-        the open string, or (outside strings) arrays, objects and the output, whenever the grammar
-        allows one of them."""
-        from server.structured.bitmask import ClosingTokens, in_json_string, keep_closing
+        """Inside a request's closing budget (ConstraintSpec.close_within): steer the row toward
+        ending its JSON value (server/structured/closing.py)."""
+        from server.structured.closing import ClosingTokens, close_row
         if self._closing is None:
             self._closing = ClosingTokens.build(self.tokenizer.hf)
-        if in_json_string(self.tokenizer.decode(req.output_ids)):
-            ids = self._closing.in_string.to(row.device)
-        else:
-            ids = torch.cat([self._closing.outside, torch.tensor([eos_token_id])]).to(row.device)
-            ids = ids[ids < row.shape[0]]
-        keep_closing(row, ids)
+        close_row(row, req.constraint, self.tokenizer.decode(req.output_ids), self._closing, eos_token_id)
 
     def _postprocess(self, reqs: list[Request], sampled: SamplerOutput) -> list[RequestOutput]:
         outputs = []

@@ -16,8 +16,6 @@ from __future__ import annotations
 import sys
 import threading
 
-from dataclasses import dataclass
-
 import llguidance
 import llguidance.torch
 
@@ -86,55 +84,3 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     mask_bytes = bitmask.to(logits.device, non_blocking=True).contiguous().view(torch.uint8)  # (n, 4W)
     bias = _bias_table(logits.device, logits.dtype).index_select(0, mask_bytes.reshape(-1).long())
     logits[:, :covered].add_(bias.view(n, -1)[:, :covered])                                  # (n, covered)
-
-
-CLOSING_CHARS = frozenset('"]}')
-
-
-@dataclass(frozen=True)
-class ClosingTokens:
-    """Tokens that close a JSON value, once per tokenizer (0.2 s for a 49k vocabulary).
-
-    in_string: text is `"` then only closing characters: ends the open string (compact JSON
-               has no raw `"` inside a string), e.g. `"`, `"}`, `"]}`.
-    outside:   text is only `]` and `}`: closes arrays and objects. Inside a string these are
-               plain characters, which is why the two sets are kept apart.
-    """
-    in_string: torch.Tensor   # (k1,) int64
-    outside: torch.Tensor     # (k2,) int64
-
-    @staticmethod
-    def build(hf_tokenizer) -> "ClosingTokens":
-        texts = [(i, hf_tokenizer.decode([i])) for i in range(len(hf_tokenizer))]
-        in_string = [i for i, t in texts if t.startswith('"') and set(t) <= CLOSING_CHARS]
-        outside = [i for i, t in texts if t and set(t) <= CLOSING_CHARS - {'"'}]
-        return ClosingTokens(torch.tensor(in_string, dtype=torch.int64), torch.tensor(outside, dtype=torch.int64))
-
-
-def in_json_string(text: str) -> bool:
-    """Whether JSON text so far ends inside a string (an odd number of unescaped quotes)."""
-    inside = escaped = False
-    for ch in text:
-        if escaped:
-            escaped = False
-        elif inside and ch == "\\":
-            escaped = True
-        elif ch == '"':
-            inside = not inside
-    return inside
-
-
-def keep_closing(logits: torch.Tensor, closing_ids: torch.Tensor) -> bool:
-    """Within a request's closing budget: if the (masked) row allows any closing token, refuse
-    every other token, in place.  logits: (V,), closing_ids: (k,) on its device -> applied?
-
-    Semantics (reference):
-        allowed = [t for t in closing_ids if logits[t] > -inf]
-        if allowed: logits[t] = -inf for every t not in allowed
-    """
-    vals = logits[closing_ids]                                   # (k,)
-    if not bool(torch.isfinite(vals).any()):
-        return False
-    logits.fill_(float("-inf"))
-    logits[closing_ids] = vals
-    return True

@@ -22,8 +22,8 @@ given alongside response_format), or inside the schema with llguidance's own set
 `"x-guidance": {"whitespace_flexible": true}`.
 
 Closing within the budget: with close_within N > 0, the last N tokens before max_tokens are
-spent closing the JSON value. From then on, whenever the grammar allows a token made only
-of closing characters (`"`, `]`, `}`) or the end of output, only those tokens may be
+spent closing the JSON value (server/structured/closing.py): whenever the grammar allows a
+token that closes the open string, array or object, or ends the output, only those may be
 sampled; where it allows none (a required key, a value, a minLength), decoding is as usual.
 A model that would ramble inside a string until max_tokens then ends with a complete,
 valid value and finish_reason "stop" (the text is cut short, not truncated). Off (0) by

@@ -84,27 +84,3 @@ def test_masked_logits_allow_only_grammar_tokens(compiler, hf_tokenizer):
 def test_fill_empty_batch():
     assert fill_bitmasks([]).shape == (0, 0)
 
-
-def test_closing_tokens_split_string_closers_from_container_closers(hf_tokenizer):
-    from server.structured.bitmask import ClosingTokens
-    closing = ClosingTokens.build(hf_tokenizer)
-    in_string = {hf_tokenizer.decode([i]) for i in closing.in_string.tolist()}
-    outside = {hf_tokenizer.decode([i]) for i in closing.outside.tolist()}
-    assert '"' in in_string and all(t.startswith('"') and set(t) <= set('"]}') for t in in_string)
-    assert {"}", "]"} <= outside and all(t and set(t) <= set("]}") for t in outside)
-
-
-@pytest.mark.parametrize("text, inside", [('{"a":"b', True), ('{"a":"b"', False), ('{"a":"x\\\\"', False),
-                                          ('{"a":"x\\"', True), ('{"a":"x\\"y"', False), ("", False),
-                                          ('["}', True)])
-def test_in_json_string(text, inside):
-    from server.structured.bitmask import in_json_string
-    assert in_json_string(text) is inside
-
-
-def test_keep_closing_reference():
-    from server.structured.bitmask import keep_closing
-    row = torch.tensor([0.5, float("-inf"), 2.0, 1.0, float("-inf")])
-    assert keep_closing(row, torch.tensor([1, 3])) and row.tolist() == [float("-inf")] * 3 + [1.0, float("-inf")]
-    row = torch.tensor([0.5, float("-inf"), 2.0])
-    assert not keep_closing(row, torch.tensor([1])) and row.tolist() == [0.5, float("-inf"), 2.0]

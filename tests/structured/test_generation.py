@@ -147,7 +147,7 @@ def results(engine, grammars):
 
 
 # Stop counts measured with these settings (greedy, frequency_penalty 0.5, max_tokens 256,
-# close_within 64): base 46/50 schemas, 6/6 objects; through the adapter 47/50 and 6/6; the
+# close_within 64): base 47/50 schemas, 6/6 objects; through the adapter 48/50 and 6/6; the
 # cat sampled at temperature 1 without a budget, 1/10. The bounds are those counts less a
 # margin for numerics (other CPUs and thread counts reorder float sums, and one flipped
 # greedy token changes a run). Without close_within: 43/50 and 5/6 (adapter 46/50, 5/6);
@@ -156,7 +156,7 @@ def test_fifty_schemas_generate_valid_json(results):
     rows = results["rows"]
     stopped = check_schema_outputs(rows, results["schemas"])
     print(f"\n{len(rows)} schemas: {stopped} stopped and validated, {len(rows) - stopped} hit max_tokens")
-    assert len(rows) == 50 and stopped >= 44
+    assert len(rows) == 50 and stopped >= 45
 
 
 def test_json_object_outputs_parse(results):
@@ -180,7 +180,7 @@ def test_constraints_through_a_lora_adapter(results):
     objects = check_object_outputs(results["adapter_objects"])
     print(f"\nadapter {ADAPTER}: {stopped}/{len(rows)} schemas and {objects}/{len(OBJECT_PROMPTS)} objects "
           f"stopped and validated")
-    assert stopped >= 45 and objects >= 5
+    assert stopped >= 46 and objects >= 5
 
 
 def test_mask_overlap_does_not_change_tokens(engine, grammars):

@@ -1,0 +1,93 @@
+"""server/structured/closing.py: the token sets, the string state, and the closing rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_closing_tokens_split_string_closers_from_container_closers(hf_tokenizer):
+    from server.structured.closing import ClosingTokens
+    closing = ClosingTokens.build(hf_tokenizer)
+    in_string = {hf_tokenizer.decode([i]) for i in closing.in_string.tolist()}
+    outside = {hf_tokenizer.decode([i]) for i in closing.outside.tolist()}
+    assert '"' in in_string and all(t.startswith('"') and set(t) <= set('"]}') for t in in_string)
+    assert {"}", "]"} <= outside and all(t and set(t) <= set("]}") for t in outside)
+
+
+@pytest.mark.parametrize("text, inside", [('{"a":"b', True), ('{"a":"b"', False), ('{"a":"x\\\\"', False),
+                                          ('{"a":"x\\"', True), ('{"a":"x\\"y"', False), ("", False),
+                                          ('["}', True)])
+def test_in_json_string(text, inside):
+    from server.structured.closing import in_json_string
+    assert in_json_string(text) is inside
+
+
+def test_keep_closing_reference():
+    from server.structured.closing import keep_closing
+    row = torch.tensor([0.5, float("-inf"), 2.0, 1.0, float("-inf")])
+    assert keep_closing(row, torch.tensor([1, 3])) and row.tolist() == [float("-inf")] * 3 + [1.0, float("-inf")]
+    row = torch.tensor([0.5, float("-inf"), 2.0])
+    assert not keep_closing(row, torch.tensor([1])) and row.tolist() == [0.5, float("-inf"), 2.0]
+
+
+def _masked_row(compiler, hf_tokenizer, schema, text, prefer):
+    """A matcher fed `text`, and its next-token logits: 0 where allowed, -inf elsewhere, and
+    +5 on the `prefer` tokens (what the model would like to write next)."""
+    from server.structured.bitmask import apply_bitmask, fill_bitmasks
+    from server.structured.grammar import new_matcher
+    from tests.structured.helpers import encode, schema_spec
+    m = new_matcher(compiler.compile(schema_spec(schema)))
+    for t in encode(hf_tokenizer, text):
+        m.consume(t)
+    logits = torch.zeros(1, len(hf_tokenizer))
+    for p in prefer:
+        logits[0, hf_tokenizer.convert_tokens_to_ids(p)] = 5.0
+    apply_bitmask(logits, fill_bitmasks([m]))
+    return m, logits[0]
+
+
+def test_close_row_inside_a_free_string_keeps_only_string_closers(compiler, hf_tokenizer):
+    from server.structured.closing import ClosingTokens, close_row
+    tokens = ClosingTokens.build(hf_tokenizer)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    m, row = _masked_row(compiler, hf_tokenizer, schema, '{"a":"some text', ["}", "more"])
+    close_row(row, m, '{"a":"some text', tokens, hf_tokenizer.eos_token_id)
+    kept = {hf_tokenizer.decode([i]) for i in torch.nonzero(torch.isfinite(row)).flatten().tolist()}
+    assert kept and '"' in kept and all(t.startswith('"') for t in kept)   # "}" is string content here
+
+
+def test_close_row_outside_strings_closes_the_object_then_ends(compiler, hf_tokenizer):
+    from server.structured.closing import ClosingTokens, close_row
+    tokens = ClosingTokens.build(hf_tokenizer)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+              "required": ["a"]}
+    m, row = _masked_row(compiler, hf_tokenizer, schema, '{"a":12', ["3", ","])
+    close_row(row, m, '{"a":12', tokens, hf_tokenizer.eos_token_id)
+    assert hf_tokenizer.decode([int(row.argmax())]) == "}" and torch.isfinite(row).sum() >= 1
+    assert all(set(hf_tokenizer.decode([i])) <= set("]}")
+               for i in torch.nonzero(torch.isfinite(row)).flatten().tolist())
+    m, row = _masked_row(compiler, hf_tokenizer, schema, '{"a":12}', [])
+    close_row(row, m, '{"a":12}', tokens, hf_tokenizer.eos_token_id)
+    assert torch.nonzero(torch.isfinite(row)).flatten().tolist() == [hf_tokenizer.eos_token_id]
+
+
+def test_close_row_looks_one_token_ahead_when_the_string_cannot_close_yet(compiler, hf_tokenizer):
+    """A date-time cannot end after fractional seconds; the model prefers more digits; `Z`
+    (after which the string may close) is the one token kept."""
+    from server.structured.closing import ClosingTokens, close_row
+    tokens = ClosingTokens.build(hf_tokenizer)
+    schema = {"type": "object", "properties": {"t": {"type": "string", "format": "date-time"}}, "required": ["t"]}
+    text = '{"t":"2023-01-18T14:39:56.123'
+    m, row = _masked_row(compiler, hf_tokenizer, schema, text, ["4", "5"])
+    assert not torch.isfinite(row[tokens.in_string]).any()        # the string cannot close yet
+    close_row(row, m, text, tokens, hf_tokenizer.eos_token_id)
+    kept = torch.nonzero(torch.isfinite(row)).flatten().tolist()
+    assert [hf_tokenizer.decode([i]) for i in kept] == ["Z"]
+    assert m.num_consumed == len(hf_tokenizer.encode(text, add_special_tokens=False))   # not advanced
+
+
+def test_lookahead_never_offers_a_backslash(hf_tokenizer):
+    """After `\\` the grammar allows `"`, but as an escape: it would not close the string."""
+    from server.structured.closing import ClosingTokens
+    singles = {hf_tokenizer.decode([i]) for i in ClosingTokens.build(hf_tokenizer).single_char.tolist()}
+    assert "Z" in singles and ":" in singles and "\\" not in singles and '"' not in singles
