@@ -103,7 +103,6 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self.overlap_masks = True     # grammar masks fill on _mask_pool during the forward (False: inline)
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        self._closing = None          # structured.closing.ClosingTokens, built on first use
         self.last_step_tokens = 0     # tokens the last step computed (0: nothing could run)
         log.info("engine ready: %d KV blocks x %d tokens, max_model_len %d, device %s",
                  num_blocks, config.block_size, self.max_model_len, self.device)
@@ -185,22 +184,17 @@ class Engine:
         if masks is None:
             return
         from server.structured.bitmask import apply_bitmask
+        from server.structured.closing import close_row
         rows = [i for i, r in enumerate(reqs) if r.constraint is not None]
         sub = logits[rows]  # (n, V) a copy: masked in place, then written back
         apply_bitmask(sub, masks.result().to(logits.device))  # bitmask (n, ceil(V/32))
         for j, i in enumerate(rows):
-            m = reqs[i].constraint
-            if m.close_within and reqs[i].params.max_tokens - len(reqs[i].output_ids) <= m.close_within:
-                self._close(sub[j], reqs[i], m.eos_token_id)
+            req = reqs[i]
+            m = req.constraint
+            if m.close_within and req.params.max_tokens - len(req.output_ids) <= m.close_within:
+                # inside the closing budget: steer toward ending the JSON value
+                close_row(sub[j], m, self.tokenizer.decode(req.output_ids))
         logits[rows] = sub
-
-    def _close(self, row: torch.Tensor, req: Request, eos_token_id: int) -> None:
-        """Inside a request's closing budget (ConstraintSpec.close_within): steer the row toward
-        ending its JSON value (server/structured/closing.py)."""
-        from server.structured.closing import ClosingTokens, close_row
-        if self._closing is None:
-            self._closing = ClosingTokens.build(self.tokenizer.hf)
-        close_row(row, req.constraint, self.tokenizer.decode(req.output_ids), self._closing, eos_token_id)
 
     def _postprocess(self, reqs: list[Request], sampled: SamplerOutput) -> list[RequestOutput]:
         outputs = []

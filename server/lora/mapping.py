@@ -161,13 +161,13 @@ class LoraPlan:
         blocks = []
         for rank, rank_slots in small.items():
             rank_slots.sort()
-            run = [rank_slots[0]]
-            for slot in rank_slots[1:] + [None]:
-                if slot is not None and slot - run[-1] <= PAD_MAX_GAP + 1:
-                    run.append(slot)
-                    continue
-                blocks.append(_block(run, rank, rows_of, num_rows, device))
-                run = [slot]
+            runs = [[rank_slots[0]]]
+            for slot in rank_slots[1:]:
+                if slot - runs[-1][-1] <= PAD_MAX_GAP + 1:
+                    runs[-1].append(slot)
+                else:
+                    runs.append([slot])
+            blocks.extend(_block(run, rank, rows_of, num_rows, device) for run in runs)
         return LoraPlan(blocks, groups)
 
 

@@ -16,8 +16,9 @@ reason. The Triton kernels mask the rank the same way.
 On CPU, decode with many distinct adapters is bound by memory bandwidth: every row reads
 its adapter's A and B in every linear, 20 MB per r=16 adapter on SmolLM2-135M (fp32, all
 seven modules), so 32 distinct adapters stream 625 MB per step. The bmm pairs run at about
-9-12 GB/s on one core here; more threads measured slower (OpenMP wake-ups per op). The backend (torch or
-Triton) is chosen once at start-up by `select_backend`, never per call.
+9-12 GB/s on one core here; more threads measured slower (OpenMP wake-ups per op).
+
+The backend (torch or Triton) is chosen once at start-up by `select_backend`, never per call.
 """
 from __future__ import annotations
 

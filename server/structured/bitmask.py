@@ -18,7 +18,6 @@ import threading
 
 import llguidance
 import llguidance.torch
-
 import torch
 
 assert sys.byteorder == "little", "apply_bitmask reads int32 mask words as little-endian bytes"

@@ -1,6 +1,7 @@
 """Closing within the budget (ConstraintSpec.close_within): end a JSON value before max_tokens.
 
-Inside a request's closing budget the engine calls `close_row` on that row's masked logits:
+Inside a request's closing budget the engine calls `close_row` on that row's masked logits
+(the token sets are built once per tokenizer by the GrammarCompiler and travel with each Matcher):
 
 1. Whenever the grammar allows a token that closes the open string (`"`, `"}`, `"]}` ...) or,
    outside strings, closes arrays and objects (`]`, `}` ...) or ends the output (EOS), only
@@ -99,9 +100,11 @@ def step_toward_closing(logits: torch.Tensor, matcher, candidates: torch.Tensor,
     return False
 
 
-def close_row(logits: torch.Tensor, matcher, text: str, tokens: ClosingTokens, eos_token_id: int) -> None:
+def close_row(logits: torch.Tensor, matcher, text: str) -> None:
     """The closing budget's rule for one row (see the module docstring), in place.
-    logits: (V,) already masked by the grammar; text: the request's output so far."""
+    logits: (V,) already masked by the grammar; matcher: the row's Matcher (its closing token
+    sets and EOS); text: the request's output so far."""
+    tokens, eos_token_id = matcher.closing, matcher.eos_token_id
     device, vocab = logits.device, logits.shape[0]
     if in_json_string(text):
         closers = tokens.in_string.to(device)

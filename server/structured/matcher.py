@@ -15,15 +15,17 @@ from __future__ import annotations
 import llguidance
 
 from server.errors import GrammarError
+from server.structured.closing import ClosingTokens
 
 
 class Matcher:
     def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, eos_token_id: int,
-                 close_within: int = 0) -> None:
+                 close_within: int = 0, closing: ClosingTokens | None = None) -> None:
         self._inner = inner
         self.vocab_size = vocab_size          # bits in one mask row (the tokenizer's vocabulary)
         self.eos_token_id = eos_token_id
         self.close_within = close_within      # ConstraintSpec.close_within: the engine's closing budget
+        self.closing = closing                # the token sets that budget uses (structured/closing.py)
         self.num_consumed = 0
 
     @property
@@ -56,7 +58,8 @@ class Matcher:
 
     def fork(self) -> Matcher:
         """An independent copy at the same position (compiled grammar shared, no recompile)."""
-        twin = Matcher(self._inner.deep_copy(), self.vocab_size, self.eos_token_id, self.close_within)
+        twin = Matcher(self._inner.deep_copy(), self.vocab_size, self.eos_token_id, self.close_within,
+                       self.closing)
         twin.num_consumed = self.num_consumed
         return twin
 

@@ -47,40 +47,37 @@ def _masked_row(compiler, hf_tokenizer, schema, text, prefer):
 
 
 def test_close_row_inside_a_free_string_keeps_only_string_closers(compiler, hf_tokenizer):
-    from server.structured.closing import ClosingTokens, close_row
-    tokens = ClosingTokens.build(hf_tokenizer)
+    from server.structured.closing import close_row
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     m, row = _masked_row(compiler, hf_tokenizer, schema, '{"a":"some text', ["}", "more"])
-    close_row(row, m, '{"a":"some text', tokens, hf_tokenizer.eos_token_id)
+    close_row(row, m, '{"a":"some text')
     kept = {hf_tokenizer.decode([i]) for i in torch.nonzero(torch.isfinite(row)).flatten().tolist()}
     assert kept and '"' in kept and all(t.startswith('"') for t in kept)   # "}" is string content here
 
 
 def test_close_row_outside_strings_closes_the_object_then_ends(compiler, hf_tokenizer):
-    from server.structured.closing import ClosingTokens, close_row
-    tokens = ClosingTokens.build(hf_tokenizer)
+    from server.structured.closing import close_row
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
               "required": ["a"]}
     m, row = _masked_row(compiler, hf_tokenizer, schema, '{"a":12', ["3", ","])
-    close_row(row, m, '{"a":12', tokens, hf_tokenizer.eos_token_id)
+    close_row(row, m, '{"a":12')
     assert hf_tokenizer.decode([int(row.argmax())]) == "}" and torch.isfinite(row).sum() >= 1
     assert all(set(hf_tokenizer.decode([i])) <= set("]}")
                for i in torch.nonzero(torch.isfinite(row)).flatten().tolist())
     m, row = _masked_row(compiler, hf_tokenizer, schema, '{"a":12}', [])
-    close_row(row, m, '{"a":12}', tokens, hf_tokenizer.eos_token_id)
+    close_row(row, m, '{"a":12}')
     assert torch.nonzero(torch.isfinite(row)).flatten().tolist() == [hf_tokenizer.eos_token_id]
 
 
 def test_close_row_looks_one_token_ahead_when_the_string_cannot_close_yet(compiler, hf_tokenizer):
     """A date-time cannot end after fractional seconds; the model prefers more digits; `Z`
     (after which the string may close) is the one token kept."""
-    from server.structured.closing import ClosingTokens, close_row
-    tokens = ClosingTokens.build(hf_tokenizer)
+    from server.structured.closing import close_row
     schema = {"type": "object", "properties": {"t": {"type": "string", "format": "date-time"}}, "required": ["t"]}
     text = '{"t":"2023-01-18T14:39:56.123'
     m, row = _masked_row(compiler, hf_tokenizer, schema, text, ["4", "5"])
-    assert not torch.isfinite(row[tokens.in_string]).any()        # the string cannot close yet
-    close_row(row, m, text, tokens, hf_tokenizer.eos_token_id)
+    assert not torch.isfinite(row[m.closing.in_string]).any()        # the string cannot close yet
+    close_row(row, m, text)
     kept = torch.nonzero(torch.isfinite(row)).flatten().tolist()
     assert [hf_tokenizer.decode([i]) for i in kept] == ["Z"]
     assert m.num_consumed == len(hf_tokenizer.encode(text, add_special_tokens=False))   # not advanced
