@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys", default=_env("api-keys", ""))
     p.add_argument("--max-queue", type=int, default=_env("max-queue", 256))
     p.add_argument("--drain-timeout", type=float, default=_env("drain-timeout", 30.0))
+    p.add_argument("--max-request-bytes", type=int, default=_env("max-request-bytes", 4 * 2**20),
+                   help="request bodies larger than this get 413 before they are parsed (default 4 MiB)")
+    p.add_argument("--request-timeout", type=float, default=_env("request-timeout", 0.0),
+                   help="seconds a generation request may run before it is ended with an error (0: no limit)")
     p.set_defaults(func=_cmd_serve)
 
     # train and loadtest parse their own flags: prefix_chars="\0" passes every argument through
@@ -113,8 +117,8 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    # owned by the engine (server/engine/engine.py)
-    from server.engine.engine import generate_cli
+    # owned by the engine (server/engine/offline.py)
+    from server.engine.offline import generate_cli
     return generate_cli(engine_config(args), args)
 
 
@@ -127,7 +131,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import serve
     from server.config import ServerConfig
     cfg = ServerConfig(engine=engine_config(args), host=args.host, port=args.port,
-                       api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+                       api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                       max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
     return serve(cfg)
 
 

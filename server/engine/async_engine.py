@@ -16,7 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from server.engine.request import Request, RequestOutput
+from server.engine.isolation import EngineFatalError
+from server.engine.request import ErrorKind, Request, RequestOutput
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05      # how long the loop sleeps when there is nothing to do
 STALLED_WAIT_S = 0.002  # ... and when requests wait but none could run (adapters loading)
 STATS_EVERY_S = 0.25    # how often the stats snapshot is refreshed while busy
+MAX_FAILED_STEPS = 3    # this many failing steps in a row: the engine is broken, not a request
 
 
 class EngineDeadError(RuntimeError):
@@ -40,6 +42,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self._dead: BaseException | None = None
+        self._failed_steps = 0
         self._stats: dict = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -61,24 +64,33 @@ class AsyncEngine:
                 if self.engine.last_step_tokens == 0:
                     self._wake.wait(STALLED_WAIT_S)
                     self._wake.clear()
-        except BaseException as e:  # nothing should get here; fail every stream rather than hang them
-            log.exception("engine loop died")
+        except BaseException as e:  # EngineFatalError (or a bug): fail every stream rather than hang them
+            log.critical("engine loop died: %r", e, exc_info=not isinstance(e, EngineFatalError))
             self._dead = e
         finally:
             self._close_streams()
 
     def _step(self) -> list[RequestOutput]:
-        """engine.step(); if it raises (a bug), every live request ends with the error and the
-        loop goes on serving new ones (aborting all of them leaves the KV pool and pins clean)."""
+        """engine.step(). A request's own failure never reaches here (the step isolates it).
+        EngineFatalError (nobody's fault: device, memory) ends the loop and so the engine. Any
+        other exception is a bug: every live request ends with the error and the loop goes on
+        (aborting all of them leaves the KV pool and pins clean), unless the steps keep failing."""
         try:
-            return self.engine.step()
+            outputs = self.engine.step()
+        except EngineFatalError:
+            raise
         except Exception as e:
+            self._failed_steps += 1
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise EngineFatalError(f"{self._failed_steps} engine steps in a row failed: {e!r}") from e
             log.exception("engine step failed; aborting %d requests", len(self._streams))
             outs = [self.engine.abort(rid) for rid in list(self.engine.live_request_ids())]
             for out in outs:
                 if out is not None:
-                    out.error = f"internal error in the engine step: {e!r}"
+                    out.error, out.error_kind = f"internal error in the engine step: {e!r}", ErrorKind.INTERNAL
             return [o for o in outs if o is not None]
+        self._failed_steps = 0
+        return outputs
 
     def _close_streams(self) -> None:
         """On exit: run what is queued, then end every open stream (abort, or the loop's error)."""
@@ -93,6 +105,8 @@ class AsyncEngine:
                 log.exception("abort of %s failed while stopping", request_id)
                 out = None
             if out is not None:
+                if self._dead is not None and out.error is None:
+                    out.error, out.error_kind = f"the engine stopped: {self.death}", ErrorKind.INTERNAL
                 self._deliver(out)
             else:
                 self._push(request_id, EngineDeadError("the engine stopped"))
@@ -200,10 +214,16 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
 
+    @property
+    def death(self) -> str | None:
+        """Why the loop stopped on its own (None while it runs, or after a plain shutdown)."""
+        return None if self._dead is None else f"{type(self._dead).__name__}: {self._dead}"
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop: unfinished requests end with reason "abort"; then release adapter workers."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.constraints.close()
         if self.engine.store is not None:
             self.engine.store.close()

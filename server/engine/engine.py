@@ -7,7 +7,6 @@ for the HTTP server). `generate_cli` is the `loraplex generate` command.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import logging
 import os
 import sys
@@ -18,10 +17,12 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.kv_cache import BlockPool, pool_size
-from server.engine.request import (FinishReason, Request, RequestOutput, SamplingParams, SamplingParamsError,
+from server.engine.request import (ErrorKind, FinishReason, Request, RequestOutput, SamplingParams, SamplingParamsError,
                                    TokenLogprob)
+from server.engine import isolation
+from server.engine.constrain import ConstraintStage
 from server.engine.runner import Runner
-from server.engine.sampler import Sampler, SamplerOutput
+from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler
 from server.errors import AdapterError, GrammarError
 from server.model.loader import load_model, resolve_model_dir
@@ -37,18 +38,6 @@ class _Live:
     req: Request
     detok: IncrementalDetokenizer
     completion_tokens: int = 0
-
-
-@dataclass
-class Completion:
-    """One finished request, for Engine.generate."""
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason | None
-    logprobs: list[TokenLogprob] | None
-    prompt_tokens: int
-    error: str | None = None
 
 
 def _memory_budget(device: torch.device) -> int:
@@ -101,8 +90,7 @@ class Engine:
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(arch.eos_token_ids))
         self._live: dict[str, _Live] = {}
-        self.overlap_masks = True     # grammar masks fill on _mask_pool during the forward (False: inline)
-        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        self.constraints = ConstraintStage(self.tokenizer.decode)
         self.last_step_tokens = 0     # tokens the last step computed (0: nothing could run)
         log.info("engine ready: %d KV blocks x %d tokens, max_model_len %d, device %s",
                  num_blocks, config.block_size, self.max_model_len, self.device)
@@ -116,10 +104,15 @@ class Engine:
             raise AdapterError(f"unknown adapter {req.adapter!r}")
         if not req.prompt_ids:
             raise SamplingParamsError("prompt", "the prompt must have at least one token")
-        self.scheduler.add(req)
+        live = _Live(req, IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop))
+        self.sampler.register(req.request_id, req.params.seed)
+        try:
+            self.scheduler.add(req)
+        except BaseException:
+            self.sampler.release(req.request_id)
+            raise
         req.arrival = req.arrival or time.monotonic()
-        self._live[req.request_id] = _Live(req, IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
-                                                                        req.params.stop))
+        self._live[req.request_id] = live
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; returns its final output (reason "abort"), None if it is not live."""
@@ -146,72 +139,82 @@ class Engine:
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. A request whose own work fails ends alone, with its error
+        (server/engine/isolation.py); EngineFatalError when the failure is nobody's fault."""
         if self.store is not None:
             self.store.poll()
+        outputs = self._expire()
         sched = self.scheduler.schedule()
-        outputs = [self._finish(self._live[r.request_id], FinishReason.ABORT, [], "", None, str(e))
-                   for r, e in sched.failed]
+        outputs += [self._fail(r, e, ErrorKind.ADAPTER) for r, e in sched.failed]
         self.last_step_tokens = sched.num_tokens
         if not sched.requests:
             return outputs
+        constrained = [r for r, s in zip(sched.requests, sched.sampled) if s and r.constraint is not None]
+        filling = self.constraints.start(constrained)  # masks fill on a worker thread while the model runs
+        sched, logits, culprits = isolation.forward(self.runner.run, sched)   # logits (B, V)
+        outputs += [self._fail(r, isolation.describe("forward", e)) for r, e in culprits]
         rows = [i for i, s in enumerate(sched.sampled) if s]
+        if not rows:
+            return outputs
         reqs = [sched.requests[i] for i in rows]
-        masks = self._start_masks(reqs)  # grammar masks fill on a worker thread while the model runs
-        logits = self.runner.run(sched)[rows]  # (n, V) only requests that reached their last token
-        self._constrain(reqs, logits, masks)
-        sampled = self.sampler.sample(logits, [r.params for r in reqs], [r.request_id for r in reqs],
-                                      [(r.prompt_ids, r.output_ids) for r in reqs])
-        return outputs + self._postprocess(reqs, sampled)
+        logits = logits[rows]  # (n, V) only requests that reached their last token
+        reqs, logits, failed = self.constraints.apply(reqs, logits, self.constraints.rows(constrained, filling))
+        outputs += [self._fail(r, e) for r, e in failed]
+        sampled, failures = isolation.batched(lambda idx: self._sample(reqs, logits, idx),
+                                              list(range(len(reqs))), "sampling")
+        outputs += [self._fail(reqs[i], isolation.describe("sampling", e)) for i, e in failures.items()]
+        return outputs + self._postprocess([(r, s) for r, s in zip(reqs, sampled) if s is not None])
 
-    def _start_masks(self, reqs: list[Request]) -> concurrent.futures.Future | None:
-        """Fill the constrained rows' token bitmasks, overlapping the forward when overlap_masks is on.
+    def _sample(self, reqs: list[Request], logits: torch.Tensor, idx: list[int]) -> list[tuple]:
+        """Sample rows idx of logits -> [(token, logprob)] in that order."""
+        part = [reqs[i] for i in idx]
+        rows = logits if len(idx) == len(reqs) else logits[idx]
+        out = self.sampler.sample(rows, [r.params for r in part], [r.request_id for r in part],
+                                  [(r.prompt_ids, r.output_ids) for r in part])
+        return list(zip(out.token_ids, out.logprobs))
 
-        Matcher state only changes in _postprocess, so the masks for this step are known before
-        the forward; llguidance and torch both release the GIL, so the fill runs alongside it.
-        """
-        matchers = [r.constraint for r in reqs if r.constraint is not None]
-        if not matchers:
-            return None
-        from server.structured.bitmask import fill_bitmasks
-        if self.overlap_masks:
-            return self._mask_pool.submit(fill_bitmasks, matchers)
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(fill_bitmasks(matchers))
-        return done
+    def _expire(self) -> list[RequestOutput]:
+        """End requests past their deadline (Request.deadline, from --request-timeout)."""
+        now = time.monotonic()
+        late = [live for live in self._live.values() if live.req.deadline is not None and live.req.deadline <= now]
+        return [self._fail(live.req, "the request ran past its deadline", ErrorKind.TIMEOUT) for live in late]
 
-    def _constrain(self, reqs: list[Request], logits: torch.Tensor, masks: concurrent.futures.Future | None) -> None:
-        """Mask the logits of grammar-constrained rows to the tokens their grammar allows."""
-        if masks is None:
-            return
-        from server.structured.bitmask import apply_bitmask
-        from server.structured.closing import close_row
-        rows = [i for i, r in enumerate(reqs) if r.constraint is not None]
-        sub = logits[rows]  # (n, V) a copy: masked in place, then written back
-        apply_bitmask(sub, masks.result().to(logits.device))  # bitmask (n, ceil(V/32))
-        for j, i in enumerate(rows):
-            req = reqs[i]
-            m = req.constraint
-            if m.close_within and req.params.max_tokens - len(req.output_ids) <= m.close_within:
-                # inside the closing budget: steer toward ending the JSON value
-                close_row(sub[j], m, self.tokenizer.decode(req.output_ids))
-        logits[rows] = sub
-
-    def _postprocess(self, reqs: list[Request], sampled: SamplerOutput) -> list[RequestOutput]:
+    def _postprocess(self, sampled: list[tuple[Request, tuple]]) -> list[RequestOutput]:
         outputs = []
-        for req, tok, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
+        for req, (tok, lp) in sampled:
             live = self._live[req.request_id]
-            req.output_ids.append(tok)
-            live.completion_tokens += 1
-            reason, error = self._finish_reason(req, tok)
-            text = "" if reason == FinishReason.STOP and self._is_stop_token(req, tok) else live.detok.push([tok])
-            if live.detok.stopped:
-                reason = FinishReason.STOP
-            lps = [lp] if lp is not None else None
-            if reason is not None:
-                outputs.append(self._finish(live, reason, [tok], text, lps, error))
-            else:
-                outputs.append(self._output(live, [tok], text, lps, False))
+            try:
+                outputs.append(self._advance(live, tok, lp))
+            except Exception as e:   # this request's grammar advance or detokenizing
+                isolation.fatal_if_device(e, "postprocess")
+                log.error("request %s: postprocess failed: %r", req.request_id, e)
+                outputs.append(self._fail(req, isolation.describe("postprocess", e)))
         return outputs
+
+    def _advance(self, live: _Live, tok: int, lp: TokenLogprob | None) -> RequestOutput:
+        req = live.req
+        req.output_ids.append(tok)
+        live.completion_tokens += 1
+        reason, error = self._finish_reason(req, tok)
+        text = "" if reason == FinishReason.STOP and self._is_stop_token(req, tok) else live.detok.push([tok])
+        if live.detok.stopped:
+            reason = FinishReason.STOP
+        lps = [lp] if lp is not None else None
+        if reason is not None:
+            return self._finish(live, reason, [tok], text, lps, error)
+        return self._output(live, [tok], text, lps, False)
+
+    def _fail(self, req: Request, error: str | BaseException, kind: ErrorKind = ErrorKind.INTERNAL
+              ) -> RequestOutput:
+        """End one request now with an error; the rest of the step goes on."""
+        message = error if isinstance(error, str) else str(error)
+        live = self._live.get(req.request_id)
+        if live is None:          # it had already ended when its failure surfaced
+            return RequestOutput(req.request_id, [], "", None, True, FinishReason.ABORT, len(req.prompt_ids),
+                                 len(req.output_ids), message, kind)
+        out = self._finish(live, FinishReason.ABORT, [], "", None, message)
+        out.error_kind = kind
+        return out
 
     def _is_stop_token(self, req: Request, tok: int) -> bool:
         return tok in req.params.stop_token_ids or (not req.params.ignore_eos and tok in self.eos_token_ids)
@@ -239,7 +242,11 @@ class Engine:
         del self._live[req.request_id]
         req.finish_reason = reason
         if reason != FinishReason.ABORT:
-            text += live.detok.flush()
+            try:
+                text += live.detok.flush()
+            except Exception as e:   # this request's detokenizing: it ends with the error instead
+                isolation.fatal_if_device(e, "detokenize")
+                req.finish_reason, error = FinishReason.ABORT, isolation.describe("detokenize", e)
         return self._output(live, new_ids, text, lps, True, error)
 
     @staticmethod
@@ -247,56 +254,6 @@ class Engine:
                 finished: bool, error: str | None = None) -> RequestOutput:
         req = live.req
         return RequestOutput(req.request_id, new_ids, text, lps, finished, req.finish_reason if finished else None,
-                             len(req.prompt_ids), live.completion_tokens, error)
+                             len(req.prompt_ids), live.completion_tokens, error,
+                             ErrorKind.INTERNAL if error is not None else None)
 
-    # -- offline use ----------------------------------------------------------------------
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
-                 adapters: list[str | None] | None = None) -> list[Completion]:
-        """Run prompts (text, encoded as is, or token ids) to completion; results in prompt order."""
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        adapters = adapters or [None] * len(prompts)
-        reqs = []
-        for prompt, p, adapter in zip(prompts, params_list, adapters, strict=True):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            reqs.append(Request(ids, p, adapter=adapter))
-            self.add_request(reqs[-1])
-        done: dict[str, Completion] = {r.request_id: Completion(r.request_id, "", [], None, None,
-                                                                 len(r.prompt_ids)) for r in reqs}
-        while any(done[r.request_id].finish_reason is None for r in reqs):
-            for out in self.step():
-                c = done[out.request_id]
-                c.text += out.new_text
-                c.token_ids += out.new_token_ids
-                if out.logprobs is not None:
-                    c.logprobs = (c.logprobs or []) + out.logprobs
-                if out.finished:
-                    c.finish_reason, c.error = out.finish_reason, out.error
-        return [done[r.request_id] for r in reqs]
-
-
-def generate_cli(config: EngineConfig, args: argparse.Namespace) -> int:
-    """`loraplex generate`: the completion on stdout (streamed), logs on stderr."""
-    engine = Engine(config)
-    tok = engine.tokenizer
-    ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    req = Request(ids, params, adapter=args.adapter)
-    engine.add_request(req)
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        for out in engine.step():
-            sys.stdout.write(out.new_text)
-            sys.stdout.flush()
-            if out.error:
-                log.error("generation failed: %s", out.error)
-                return 1
-    sys.stdout.write("\n")
-    n = len(req.output_ids)
-    dt = time.perf_counter() - t0
-    log.info("%d prompt + %d completion tokens in %.2f s (%.1f tokens/s), finish: %s",
-             len(ids), n, dt, n / max(dt, 1e-9), req.finish_reason.value if req.finish_reason else None)
-    return 0
-
-
-# AsyncEngine lives in its own file; importable from here too (it imports Engine from this module).
-from server.engine.async_engine import AsyncEngine, EngineDeadError  # noqa: E402,F401

@@ -8,7 +8,21 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1     # a 64-bit signed integer, as vLLM accepts
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request: seed + index, wrapped into the int64 range.
+    SamplingParamsError when the request's seed itself is outside that range."""
+    if not (SEED_MIN <= seed <= SEED_MAX):
+        raise SamplingParamsError("seed", f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
+    return (seed + index - SEED_MIN) % 2**64 + SEED_MIN
 
 
 class SamplingParamsError(ValueError):
@@ -25,7 +39,7 @@ class SamplingParams:
     temperature: float = 1.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 = off
-    seed: int | None = None           # per-request generator; same seed -> same tokens
+    seed: int | None = None           # per-request generator; same seed -> same tokens (an int64)
     stop: tuple[str, ...] = ()        # stop strings (not included in the output)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -41,6 +55,8 @@ class SamplingParams:
             raise SamplingParamsError("temperature", f"temperature must be in [0, 2], got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (SEED_MIN <= self.seed <= SEED_MAX):
+            raise SamplingParamsError("seed", f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.top_k < 0:
             raise SamplingParamsError("top_k", f"top_k must be >= 0, got {self.top_k}")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
@@ -63,10 +79,30 @@ class SamplingParams:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
+class Constraint(Protocol):
+    """A request's output constraint as the engine drives it (server/structured/matcher.py's
+    Matcher is the implementation). Masks are batched: any member fills or applies them for
+    the whole batch, whose members all come from one implementation."""
+    close_within: int          # the last N tokens before max_tokens are spent closing the value (0: off)
+
+    def fill_masks(self, batch: list["Constraint"]) -> "torch.Tensor": ...   # int32 (n, W) allowed tokens
+    def apply_masks(self, logits: "torch.Tensor", masks: "torch.Tensor") -> None: ...   # (n, V) in place
+    def close(self, logits: "torch.Tensor", text: str) -> None: ...   # one masked row (V,), output so far
+    def consume(self, token_id: int) -> None: ...             # GrammarError if refused
+    def is_stopped(self) -> bool: ...
+
+
 class Status(enum.Enum):
     WAITING = "waiting"          # queued (or preempted), holds no KV blocks
     RUNNING = "running"          # holds KV blocks, prefilling or decoding
     FINISHED = "finished"
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a request ended with an error (RequestOutput.error_kind)."""
+    ADAPTER = "adapter"          # its adapter could not be loaded or placed on the device
+    TIMEOUT = "timeout"          # it ran past its deadline (Request.deadline)
+    INTERNAL = "internal"        # its own work raised (a bug), or the engine stopped
 
 
 class FinishReason(str, enum.Enum):
@@ -83,9 +119,10 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None = None            # adapter name; None = base model
-    constraint: Any = None                # server.structured.grammar.Matcher, or None
+    constraint: Constraint | None = None  # None = unconstrained
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = 0.0
+    deadline: float | None = None         # time.monotonic() past which the engine ends it (timeout)
     # engine-owned state
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -121,3 +158,4 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None              # set when the request failed (e.g. its adapter could not load)
+    error_kind: ErrorKind | None = None   # set with error

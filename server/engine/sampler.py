@@ -33,6 +33,12 @@ class Sampler:
         """Forget a finished request's generator."""
         self._generators.pop(key, None)
 
+    def register(self, key: str, seed: int | None) -> None:
+        """Create a seeded request's generator up front, so a seed torch refuses fails the
+        request when it is added rather than in a batch."""
+        if seed is not None:
+            self._generator(key, seed)
+
     def _generator(self, key: str, seed: int) -> torch.Generator:
         g = self._generators.get(key)
         if g is None:
@@ -121,7 +127,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> t
     m, vocab = logits.shape
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (m, V)
     rank = torch.arange(vocab, device=logits.device)[None, :]  # (1, V)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=logits.device)
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device)
     drop = rank >= top_k[:, None]  # (m, V)
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)  # (m, V)

@@ -114,7 +114,10 @@ class AdapterStore:
         try:
             adapter = self._to_host(read_adapter(entry.name, entry.path, self.arch, self.config.max_lora_rank))
             self._check_base(adapter)
-        except AdapterError as e:
+        except Exception as e:     # any failure to read it fails the requests for it, never stalls them
+            if not isinstance(e, AdapterError):
+                log.error("adapter %r: load failed", entry.name, exc_info=True)
+                e = AdapterError(f"adapter {entry.name!r} could not be loaded: {type(e).__name__}")
             with self._lock:
                 if entry.generation == generation:
                     entry.error, entry.loading = e, False
@@ -186,8 +189,16 @@ class AdapterStore:
                 slot = self._free_slot()
                 if slot is None:
                     return          # every slot is pinned; try again next step
-                self._copy_in(entry, slot)
                 del self._wanted[name]
+                try:
+                    self._copy_in(entry, slot)
+                except Exception as e:   # its requests fail (request_resident raises), others go on
+                    log.error("adapter %r: copy into slot %d failed", name, slot, exc_info=True)
+                    self._slot_owner[slot] = None
+                    entry.slot, entry.adapter = None, None
+                    self._host.pop(name, None)
+                    entry.error = AdapterError(f"adapter {name!r} could not be placed on the device: "
+                                               f"{type(e).__name__}")
 
     def _free_slot(self) -> int | None:
         """A free slot, else the least recently used one no running request pins. Lock held."""

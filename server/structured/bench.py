@@ -99,7 +99,7 @@ def bench_apply(vocab: int, compiled_apply: bool) -> None:
 
 
 def bench_overlap(compiler, rows: list[dict], count: int, repeats: int, max_tokens: int = 48) -> None:
-    """Engine.step time with `count` constrained rows: overlap_masks on vs off (same tokens)."""
+    """Engine.step time with `count` constrained rows: the mask fill overlapping the forward or not (same tokens)."""
     from server.config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.request import Request, SamplingParams
@@ -118,17 +118,23 @@ def bench_overlap(compiler, rows: list[dict], count: int, repeats: int, max_toke
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     times: dict[bool, list[float]] = {False: [], True: []}
     masking: dict[bool, list[float]] = {False: [], True: []}   # time the step spends on masks after the forward
-    constrain = engine._constrain
+    stage = engine.constraints
+    rows_fn, apply_fn = stage.rows, stage.apply
+    started: list[float] = []
 
-    def timed_constrain(reqs, logits, masks):
-        start = time.perf_counter()
-        constrain(reqs, logits, masks)
-        masking[engine.overlap_masks].append(time.perf_counter() - start)
-    engine._constrain = timed_constrain
+    def timed_rows(constrained, filling):
+        started.append(time.perf_counter())
+        return rows_fn(constrained, filling)
+
+    def timed_apply(reqs, logits, masks):
+        out = apply_fn(reqs, logits, masks)
+        masking[stage.overlap].append(time.perf_counter() - started.pop())
+        return out
+    stage.rows, stage.apply = timed_rows, timed_apply
     tokens: dict[bool, list] = {}
     for _ in range(repeats):
         for overlap in (False, True):
-            engine.overlap_masks = overlap
+            stage.overlap = overlap
             reqs = [Request(engine.tokenizer.encode_chat([{"role": "user", "content": "Reply with JSON following: "
                                                            + g.spec.source}]), params, constraint=new_matcher(g))
                     for g in grammars]
@@ -143,8 +149,8 @@ def bench_overlap(compiler, rows: list[dict], count: int, repeats: int, max_toke
             assert tokens.setdefault(overlap, out) == out, "greedy runs differ between repeats"
     assert tokens[True] == tokens[False], "overlapping the mask fill changed the tokens"
     for overlap in (False, True):
-        print(_report(f"Engine.step, {len(grammars)} constrained rows, overlap_masks={overlap}", times[overlap]))
-        print(_report(f"  mask wait + apply after the forward, overlap_masks={overlap}", masking[overlap]))
+        print(_report(f"Engine.step, {len(grammars)} constrained rows, overlap={overlap}", times[overlap]))
+        print(_report(f"  mask wait + apply after the forward, overlap={overlap}", masking[overlap]))
 
 
 def main(argv: list[str] | None = None) -> int:

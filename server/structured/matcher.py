@@ -1,9 +1,12 @@
 """Matcher: one request's position in its grammar (wraps llguidance.LLMatcher).
 
-The engine's side of the contract (Request.constraint):
-    fill_bitmasks([m, ...])  -> allowed tokens for the next step   (server/structured/bitmask.py)
+A Matcher is what the engine sees as a request's Constraint (server/engine/request.py):
+    m.fill_masks([m, ...])   -> int32 (n, W) allowed tokens for the next step, in parallel
+    m.apply_masks(logits, masks)  refused tokens -> -inf, in place   (server/structured/bitmask.py)
+    m.close(row, text)       the closing budget's rule on one masked row (server/structured/closing.py)
     m.consume(token_id)      after each sampled token
     m.is_stopped()           True once the grammar is complete: finish with reason "stop"
+The engine calls these methods and imports nothing from here, so it runs without llguidance.
 
 A Matcher only ever sees tokens its mask allowed, so a refused token is a bug in the
 caller: consume() raises GrammarError naming the token and llguidance's reason rather than
@@ -14,8 +17,11 @@ from __future__ import annotations
 
 import llguidance
 
+import torch
+
 from server.errors import GrammarError
-from server.structured.closing import ClosingTokens
+from server.structured.bitmask import apply_bitmask, fill_bitmasks
+from server.structured.closing import ClosingTokens, close_row
 
 
 class Matcher:
@@ -32,6 +38,19 @@ class Matcher:
     def llmatcher(self) -> llguidance.LLMatcher:
         """The wrapped llguidance matcher (for batched mask filling)."""
         return self._inner
+
+    def fill_masks(self, batch: list[Matcher]) -> torch.Tensor:
+        """The next-token bitmasks of batch (this matcher among them): int32 (n, ceil(V/32))."""
+        return fill_bitmasks(batch)
+
+    def apply_masks(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
+        """logits (n, V) of the batch's rows, in place: tokens masks refuse -> -inf."""
+        apply_bitmask(logits, masks)
+
+    def close(self, logits: torch.Tensor, text: str) -> None:
+        """Inside the closing budget: steer the row's masked logits (V,) toward ending the value;
+        text: the output so far."""
+        close_row(logits, self, text)
 
     def consume(self, token_id: int) -> None:
         """Advance by one sampled token; GrammarError if the grammar does not allow it."""

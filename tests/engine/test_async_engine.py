@@ -6,6 +6,7 @@ import pytest
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import Engine
+from server.engine.offline import generate
 from server.engine.request import FinishReason, Request, SamplingParams
 from server.errors import PromptTooLongError
 
@@ -18,7 +19,7 @@ def engines(tmp_path_factory):
     eng = Engine(EngineConfig(quantization="none", kv_cache_tokens=2048,
                               adapters_dir=str(tmp_path_factory.mktemp("adapters"))))
     chat = eng.tokenizer.encode_chat([{"role": "user", "content": "Name three colors."}])
-    reference = eng.generate([chat], GREEDY)[0]       # before the loop thread owns the engine
+    reference = generate(eng, [chat], GREEDY)[0]       # before the loop thread owns the engine
     ae = AsyncEngine(eng)
     yield eng, ae, chat, reference
     ae.shutdown()

@@ -5,6 +5,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.offline import generate
 from server.engine.request import FinishReason, Request, SamplingParams
 from server.errors import AdapterError, PromptTooLongError
 from server.lora.adapter import TARGETS, LoraArch, write_random_adapter
@@ -40,10 +41,10 @@ def test_batch_invariance_with_preemption_and_adapters(engine):
     ps = prompts(engine.tokenizer)
     adapters = [(None, "ad0", "ad1", "ad2")[i % 4] for i in range(len(ps))]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    alone = [engine.generate([p], params, [a])[0] for p, a in zip(ps, adapters)]
+    alone = [generate(engine, [p], params, [a])[0] for p, a in zip(ps, adapters)]
     assert engine.pool.num_used == 0
     preempted_before = engine.scheduler.num_preemptions
-    together = engine.generate(ps, params, adapters)
+    together = generate(engine, ps, params, adapters)
     assert engine.scheduler.num_preemptions > preempted_before, "the small pool should force preemption"
     for i, (a, b) in enumerate(zip(alone, together)):
         assert a.token_ids == b.token_ids, f"prompt {i} (adapter {adapters[i]}) differs in a batch"
@@ -51,24 +52,24 @@ def test_batch_invariance_with_preemption_and_adapters(engine):
     assert engine.pool.num_used == 0 and engine.pool.num_free == engine.pool.num_blocks
     assert not engine.has_unfinished()
     # adapters really change the output (random non-zero B): same prompt, base vs adapter
-    base = engine.generate([ps[1]], params, [None])[0]
+    base = generate(engine, [ps[1]], params, [None])[0]
     assert base.token_ids != alone[1].token_ids
 
 
 def test_finish_reasons_stop_strings_and_eos(engine):
     tok = engine.tokenizer
     chat = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    free = engine.generate([chat], SamplingParams(max_tokens=40, temperature=0.0))[0]
+    free = generate(engine, [chat], SamplingParams(max_tokens=40, temperature=0.0))[0]
     assert free.finish_reason == FinishReason.STOP and free.token_ids[-1] in engine.eos_token_ids
     assert "Paris" in free.text and "<|im_end|>" not in free.text
     assert free.text == tok.decode(free.token_ids)
     cut = free.text.index("Paris")
-    stopped = engine.generate([chat], SamplingParams(max_tokens=40, temperature=0.0, stop=("Paris",)))[0]
+    stopped = generate(engine, [chat], SamplingParams(max_tokens=40, temperature=0.0, stop=("Paris",)))[0]
     assert stopped.finish_reason == FinishReason.STOP and stopped.text == free.text[:cut]
-    by_id = engine.generate([chat], SamplingParams(max_tokens=40, temperature=0.0,
+    by_id = generate(engine, [chat], SamplingParams(max_tokens=40, temperature=0.0,
                                                     stop_token_ids=(free.token_ids[1],)))[0]
     assert by_id.token_ids == free.token_ids[:2] and by_id.text == tok.decode(free.token_ids[:1])
-    longer = engine.generate([chat], SamplingParams(max_tokens=len(free.token_ids) + 3, temperature=0.0,
+    longer = generate(engine, [chat], SamplingParams(max_tokens=len(free.token_ids) + 3, temperature=0.0,
                                                     ignore_eos=True))[0]
     assert longer.finish_reason == FinishReason.LENGTH and len(longer.token_ids) == len(free.token_ids) + 3
     assert longer.token_ids[:len(free.token_ids)] == free.token_ids
@@ -76,7 +77,7 @@ def test_finish_reasons_stop_strings_and_eos(engine):
 
 def test_logprobs_match_a_full_forward(engine):
     ids = engine.tokenizer.encode("The capital of France is")
-    out = engine.generate([ids], SamplingParams(max_tokens=3, temperature=0.0, logprobs=2))[0]
+    out = generate(engine, [ids], SamplingParams(max_tokens=3, temperature=0.0, logprobs=2))[0]
     assert len(out.logprobs) == 3
     lp = out.logprobs[0]
     assert lp.token_id == out.token_ids[0] == lp.top[0][0] and lp.logprob == pytest.approx(lp.top[0][1])

@@ -9,6 +9,7 @@ import pytest
 
 from server.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.offline import generate
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
 from server.errors import AdapterError
 from server.lora.adapter import CONFIG_FILE, TARGETS, WEIGHTS_FILE, LoraArch, write_random_adapter
@@ -36,7 +37,7 @@ class Env:
     def alone(self, ids: list[int], adapter: str | None, max_tokens: int = MAX_TOKENS) -> list[int]:
         """The prompt's greedy tokens in a fresh single-request run."""
         assert not self.engine.has_unfinished()
-        out = self.engine.generate([ids], _params(max_tokens), [adapter])[0]
+        out = generate(self.engine, [ids], _params(max_tokens), [adapter])[0]
         assert out.finish_reason == FinishReason.LENGTH and out.error is None
         return out.token_ids
 

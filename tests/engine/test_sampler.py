@@ -112,3 +112,9 @@ def test_penalties_match_an_fp64_loop():
     hit = Sampler("cpu", 0).sample(x[2:], [SamplingParams(temperature=0.0, frequency_penalty=2.0)], ["d"],
                                    [([], [top] * 20)])
     assert hit.token_ids != [top]
+
+
+def test_top_k_past_the_vocabulary_keeps_everything():
+    x = torch.randn(2, 50)
+    out = _filter_top_k_top_p(x, [SamplingParams(top_k=10**30), SamplingParams(top_k=50)])
+    assert torch.equal(out, x)

@@ -184,11 +184,11 @@ def test_constraints_through_a_lora_adapter(results):
 
 
 def test_mask_overlap_does_not_change_tokens(engine, grammars):
-    """Engine.overlap_masks fills masks during the forward; the tokens are the same without it."""
+    """the constraint stage fills masks during the forward; the tokens are the same without it."""
     rows = pick_schemas(grammars, 50)[:8]
     tokens = {}
     for overlap in (True, False):
-        engine.overlap_masks = overlap
+        engine.constraints.overlap = overlap
         reqs = [Request(engine.tokenizer.encode_chat([{"role": "user", "content": message}]), SHORT,
                         constraint=matcher)
                 for message, _, matcher, _ in (schema_job(grammars, row) for row in rows)]
@@ -197,6 +197,6 @@ def test_mask_overlap_does_not_change_tokens(engine, grammars):
         while engine.has_unfinished():
             engine.step()
         tokens[overlap] = [r.output_ids for r in reqs]
-    engine.overlap_masks = True
+    engine.constraints.overlap = True
     assert all(len(t) > 5 for t in tokens[True])
     assert tokens[True] == tokens[False]

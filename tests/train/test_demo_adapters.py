@@ -35,8 +35,9 @@ def engine():
 
 
 def _answers(engine, prompts: list[str], adapter: str | None, max_tokens: int) -> list[str]:
+    from server.engine.offline import generate
     ids = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-    done = engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), [adapter] * len(ids))
+    done = generate(engine, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), [adapter] * len(ids))
     return [c.text for c in done]
 
 
