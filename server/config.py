@@ -79,6 +79,8 @@ class ServerConfig:
     max_queue: int = 256              # waiting requests beyond this get 429
     max_n: int = 8                    # largest `n` a request may ask for
     drain_timeout: float = 30.0       # seconds SIGTERM waits for in-flight requests
+    max_request_bytes: int = 4 * 2**20  # larger request bodies get 413 before they are parsed
+    request_timeout: float = 0.0      # seconds a generation request may take; 0 = no limit
 
     def __post_init__(self) -> None:
         if not (0 < self.port < 65536):
@@ -87,6 +89,9 @@ class ServerConfig:
         _positive("max_n", self.max_n)
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        _positive("max_request_bytes", self.max_request_bytes)
+        if not (0 <= self.request_timeout < float("inf")):
+            raise ConfigError(f"request_timeout must be >= 0 (0 = no limit), got {self.request_timeout}")
         if self.api_keys and not os.path.isfile(self.api_keys):
             raise ConfigError(f"api-keys file not found: {self.api_keys}")
 

@@ -37,6 +37,9 @@ class Tokenizer:
             raise ModelLoadError(f"cannot load a tokenizer from {self.path}: {e}") from e
         self.eos_token_ids: set[int] = _ids_of(self.hf.eos_token_id) | self._generation_eos()
         self.vocab_size = len(self.hf)
+        # The most characters one token stands for (byte-level and SentencePiece vocabularies
+        # spell each token with at least as many characters as it decodes to).
+        self.max_token_chars = max((len(t) for t in self.hf.get_vocab()), default=1)
 
     def _generation_eos(self) -> set[int]:
         gen = self.path / "generation_config.json"

@@ -1,7 +1,9 @@
 """/v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM-compatible bodies), /v1/adapters.
 
 Loading and unloading need an admin key (or an open server). Names are path components
-(no "/", no ".."); the base model's ids are reserved.
+(no "/", no ".."); the base model's ids are reserved. A `lora_path` (absolute, or relative
+to the server's working directory) must resolve (symlinks followed) to a folder inside it: a path that
+escapes the adapters folder is refused, whoever asks.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from server.api import errors
 from server.api.protocol import LoadAdapterRequest, UnloadAdapterRequest
 from server.api.state import ServerState, valid_adapter_name
+from server.lora.registry import resolve_within
 
 router = APIRouter()
 
@@ -37,7 +40,11 @@ async def load_adapter(body: LoadAdapterRequest, request: Request):
     state.require_admin(request)
     state.require_ready()
     _check_name(state, body.lora_name)
-    if not os.path.isdir(body.lora_path):
+    path = resolve_within(state.cfg.engine.adapters_dir, body.lora_path)
+    if path is None:
+        raise errors.invalid(f"adapter path {body.lora_path!r} is outside the adapters folder", "lora_path",
+                             "adapter_path_outside_root")
+    if not os.path.isdir(path):
         raise errors.APIError(404, f"adapter path not found: {body.lora_path}", "invalid_request_error",
                               "lora_path", "adapter_path_not_found")
     if await state.engine.adapter_exists(body.lora_name):
@@ -45,7 +52,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request):
                              "lora_name", "adapter_exists")
     start = time.monotonic()
     try:
-        await state.engine.load_adapter(body.lora_name, body.lora_path)
+        await state.engine.load_adapter(body.lora_name, path)
     except Exception:
         state.metrics.adapter_admin.labels("load", "error").inc()
         raise

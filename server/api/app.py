@@ -4,6 +4,8 @@ Life of the process:
   start -> /health 200 at once, /ready 503 while the model loads -> ready -> SIGTERM/SIGINT:
   draining (new /v1 requests 503, /ready 503), in-flight requests finish (bounded by
   --drain-timeout) -> uvicorn closes connections -> lifespan shutdown stops the engine -> exit 0.
+  The engine stops on its own (device error, out of memory): /health 503, every stream ends with
+  an error, the server shuts down and exits 1, so a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from server.api import admin_routes, errors, openai_routes
+from server.api.body_limit import BodyLimit
 from server.api.auth import KeyTable
 from server.api.state import ServerState, base_model_id
 from server.config import ServerConfig
 
 log = logging.getLogger("loraplex.api")
 _GATED_PREFIX = "/v1/"
+FAILURE_EXIT_DELAY_S = 2.0      # how long a server whose engine died answers 503 before it exits
 
 
 class RequestGate:
@@ -101,12 +105,14 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
-    app.add_middleware(RequestGate, state=state)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    app.add_middleware(RequestGate, state=state)   # outermost: request ids reach every answer
 
     @app.get("/health")
     async def health() -> Response:
-        if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        failure = state.failure
+        if failure:
+            return JSONResponse({"status": "error", "error": failure}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
@@ -134,6 +140,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._drain_deadline: float | None = None
+        self._failed_at: float | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._drain_deadline is None:
@@ -148,8 +155,16 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
             return True
-        if self.state.load_error:
-            return True
+        failure = self.state.failure
+        if failure:
+            # A failed load exits at once. A dead engine keeps answering 503 (/health and /v1)
+            # for a moment, so probes and clients see why, then the process exits non-zero and
+            # a supervisor restarts it.
+            now = time.monotonic()
+            if self._failed_at is None:
+                self._failed_at = now
+                log.critical("exiting in %.1f s: %s", 0 if self.state.load_error else FAILURE_EXIT_DELAY_S, failure)
+            return bool(self.state.load_error) or now - self._failed_at >= FAILURE_EXIT_DELAY_S
         if self._drain_deadline is not None:
             if self.state.gate.inflight == 0 or time.monotonic() >= self._drain_deadline:
                 if self.state.gate.inflight:
@@ -160,11 +175,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(cfg: ServerConfig) -> int:
-    """`loraplex serve`: run until drained; 0 on a clean shutdown, 1 when the model failed to load."""
+    """`loraplex serve`: run until drained; 0 on a clean shutdown, 1 when the model failed to load
+    or the engine stopped on a failure that was no request's fault."""
     app = create_app(cfg)
     state: ServerState = app.state.server
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout) + 5),
                             timeout_keep_alive=5)
     DrainingServer(config, state).run()
-    return 1 if state.load_error else 0
+    return 1 if state.failure else 0

@@ -38,6 +38,14 @@ class EngineClient:
         compiler = GrammarCompiler(engine.tokenizer.hf)
         return EngineClient(AsyncEngine(engine), compiler)
 
+    @property
+    def is_alive(self) -> bool:
+        return self.async_engine.is_alive
+
+    @property
+    def death(self) -> str | None:
+        return self.async_engine.death
+
     def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
         return self.async_engine.generate(req)
 

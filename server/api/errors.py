@@ -26,6 +26,7 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # always encodable
         super().__init__(message)
         self.status = status
         self.message = message
@@ -101,6 +102,8 @@ def internal_error(e: BaseException, request_id: str) -> APIError:
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
+    if first.get("type") in ("invalid_unicode", "too_long") and "where" in first.get("ctx", {}):
+        return invalid(str(first.get("msg")), first["ctx"]["where"], first["type"])
     if first.get("type") == "json_invalid":
         return invalid(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
                        None, "invalid_json")

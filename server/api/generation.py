@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from typing import AsyncIterator
 
 from server.api import errors
 from server.api.state import ServerState
-from server.engine.request import Request, RequestOutput, SamplingParams, TokenLogprob
+from server.engine.request import ErrorKind, Request, RequestOutput, SamplingParams, TokenLogprob
 
+log = logging.getLogger("loraplex.api")
 _DONE = object()
 
 
@@ -119,9 +121,10 @@ class Generation:
 
     async def _run(self, choice: ChoiceSpec) -> None:
         engine = self.state.engine
+        timeout = self.state.cfg.request_timeout
         req = Request(prompt_ids=choice.prompt_ids, params=choice.params, adapter=self.adapter,
                       constraint=choice.constraint, request_id=f"{self._engine_prefix}-{choice.index}",
-                      arrival=time.monotonic())
+                      arrival=time.monotonic(), deadline=self._start + timeout if timeout else None)
         waiting = True
         last = time.monotonic()
         m = self.state.metrics
@@ -138,8 +141,7 @@ class Generation:
                     last = now
                     self._account(choice, out)
                     if out.error:
-                        raise errors.APIError(500, f"generation failed: {out.error}", "server_error",
-                                              None, "generation_failed")
+                        raise self._error(out)
                     self._queue.put_nowait(ChoiceDelta(
                         choice.index, out.new_text, out.logprobs,
                         out.finish_reason.value if out.finished and out.finish_reason else
@@ -153,6 +155,17 @@ class Generation:
         finally:
             self._release(choice.index)
             self._queue.put_nowait(_DONE)
+
+    def _error(self, out: RequestOutput) -> errors.APIError:
+        """The client's error for an engine request that failed (other requests are unaffected)."""
+        if out.error_kind == ErrorKind.TIMEOUT:
+            return errors.APIError(504, f"the request ran past the server's request timeout of "
+                                   f"{self.state.cfg.request_timeout:g} s", "server_error", None, "request_timeout")
+        if out.error_kind == ErrorKind.ADAPTER:    # the adapter's own message names only it
+            return errors.APIError(500, f"generation failed: {out.error}", "server_error", None, "adapter_failed")
+        log.error("request %s: generation failed: %s", self.request_id, out.error)
+        return errors.APIError(500, f"generation failed (request id {self.request_id})", "server_error", None,
+                               "generation_failed")
 
     def _account(self, choice: ChoiceSpec, out: RequestOutput) -> None:
         key = id(choice.prompt_ids)

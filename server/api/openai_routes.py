@@ -23,7 +23,7 @@ from server.api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, 
                                  CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage, SamplingRequest)
 from server.api.render import SSE_DONE, TokenText, chat_logprobs, completion_logprobs, sse
 from server.api.state import ServerState, valid_adapter_name
-from server.engine.request import SamplingParams
+from server.engine.request import SamplingParams, choice_seed
 from server.errors import ModelLoadError, PromptTooLongError
 from server.structured.grammar import parse_constraint
 
@@ -72,7 +72,7 @@ def _choices(state: ServerState, body: SamplingRequest, prompts: list[list[int]]
                 frequency_penalty=body.frequency_penalty or 0.0,
                 presence_penalty=body.presence_penalty or 0.0,
                 repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                seed=None if body.seed is None else body.seed + index,
+                seed=None if body.seed is None else choice_seed(body.seed, index),
                 stop=body.stop_strings(), ignore_eos=body.ignore_eos,
                 logprobs=body.requested_logprobs())
             specs.append(ChoiceSpec(index, ids, params, constraints[index] if constraints else None))
@@ -89,14 +89,37 @@ async def _constraints(state: ServerState, body: SamplingRequest, count: int) ->
     return [compiler.new_matcher(compiled, spec.close_within) for _ in range(count)]
 
 
-async def _prepare(request: Request, body: SamplingRequest, prompts_of) -> tuple[ServerState, Generation]:
+def _check_fields(body: SamplingRequest) -> None:
+    """400 for fields given with a value this server does not implement (never ignored)."""
+    refused = body.refused_fields()
+    if refused:
+        raise errors.invalid(f"{refused[0]} is not supported by this server", refused[0], "unsupported_parameter")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise errors.invalid("top_logprobs requires logprobs: true", "top_logprobs")
+
+
+def _check_length(state: ServerState, chars: int, param: str) -> None:
+    """413 at once for text that cannot fit the context whatever it tokenizes to: no token
+    covers more than tokenizer.max_token_chars characters (twice that, for margin)."""
+    limit = state.engine.max_model_len
+    if chars > 2 * limit * state.engine.tokenizer.max_token_chars:
+        raise errors.APIError(413, f"the {param} has {chars} characters, far more than this model's context of "
+                              f"{limit} tokens can hold", "invalid_request_error", param, "context_length_exceeded")
+
+
+async def _prepare(request: Request, body: SamplingRequest, prompts_of, chars: int,
+                   param: str) -> tuple[ServerState, Generation]:
+    """Check everything cheap first, then tokenize (off the event loop) and compile the grammar.
+    chars: the characters of text the prompt holds (for the early length check)."""
     state = _state(request)
     who = state.principal(request)
     engine = state.require_ready()
     adapter = await resolve_model(state, who, body.model)
     if not (1 <= body.n <= state.cfg.max_n):
         raise errors.invalid(f"n must be in 1..{state.cfg.max_n}, got {body.n}", "n")
-    prompts = prompts_of(engine.tokenizer)
+    _check_fields(body)
+    _check_length(state, chars, param)
+    prompts = await asyncio.to_thread(prompts_of, engine.tokenizer)   # templating and tokenizing
     constraints = await _constraints(state, body, len(prompts) * body.n)
     gen = Generation(state, adapter, _choices(state, body, prompts, constraints), request.state.request_id)
     gen.reserve()
@@ -155,7 +178,8 @@ def _encode_chat(tok, messages: list[dict]) -> list[int]:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
-    state, gen = await _prepare(request, body, lambda tok: [_encode_chat(tok, messages)])
+    state, gen = await _prepare(request, body, lambda tok: [_encode_chat(tok, messages)],
+                                sum(len(m["content"]) for m in messages), "messages")
     text = TokenText(state.engine.tokenizer.hf)
     rid = f"chatcmpl-{gen.request_id}"
     if body.stream:
@@ -199,7 +223,9 @@ def _completion_prompts(body: CompletionRequest):
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    state, gen = await _prepare(request, body, _completion_prompts(body))
+    p = body.prompt
+    chars = len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str))
+    state, gen = await _prepare(request, body, _completion_prompts(body), chars, "prompt")
     text = TokenText(state.engine.tokenizer.hf)
     rid = f"cmpl-{gen.request_id}"
     if body.stream:

@@ -1,27 +1,86 @@
 """Pydantic models of the OpenAI requests and responses (plus loraplex's extensions).
 
 Requests ignore unknown fields (clients send many we do not use) and reject wrong types
-(FastAPI turns the validation error into a 400). Ranges are checked where the engine's
-SamplingParams cannot see them (n, top_logprobs, max_tokens >= 1); the rest is checked
-by SamplingParams itself so there is one source of truth.
+strictly, as OpenAI does ("logprobs": "yes" or "max_tokens": 1.5 are 400s; an integer
+is fine where a number is expected). FastAPI turns the validation error into a 400.
+Every string in a request body must be valid Unicode (no lone surrogates), checked once
+over the whole body. OpenAI fields we do not implement are refused with a 400 naming
+them, never accepted and ignored (`refused_fields`). Ranges are checked where the
+engine's SamplingParams cannot see them (n, top_logprobs, max_tokens >= 1); the rest is
+checked by SamplingParams itself so there is one source of truth.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def invalid_unicode_at(value: Any) -> str | None:
+    """The path ("messages.0.content") of the first string (or key) holding a lone surrogate
+    in a parsed JSON value, or None. One fast scan of the whole value first (the common case
+    is clean); the walk that names the path is iterative, so any depth is safe."""
+    try:
+        if not _SURROGATE.search(json.dumps(value, ensure_ascii=False, check_circular=False)):
+            return None
+    except (TypeError, ValueError, RecursionError):
+        pass                     # not plain JSON, or too deep to dump: walk it
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                key = str(k)
+                where = f"{path}.{_printable(key)}" if path else _printable(key)
+                if _SURROGATE.search(key):
+                    return where
+                stack.append((where, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v))
+    return None
+
+
+def _printable(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")[:64]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+MAX_MESSAGES = 4096     # a chat request's messages; checked before they are validated one by one
+
+
+class _Body(_Request):
+    """A whole request body: its strings are checked for valid Unicode before anything else."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("messages"), list) and len(data["messages"]) > MAX_MESSAGES:
+            raise PydanticCustomError("too_long", "messages: at most {limit} messages, got {count}",
+                                      {"limit": MAX_MESSAGES, "count": len(data["messages"]), "where": "messages"})
+        where = invalid_unicode_at(data)
+        if where is not None:
+            raise PydanticCustomError("invalid_unicode", "{where}: the string is not valid Unicode "
+                                      "(it holds a lone UTF-16 surrogate)", {"where": where})
+        return data
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingRequest(_Request):
+class SamplingRequest(_Body):
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -39,6 +98,18 @@ class SamplingRequest(_Request):
     structured_outputs: dict[str, Any] | None = None  # extension (vLLM's name)
     ignore_eos: bool = False                       # extension
     user: str | None = None
+    # OpenAI fields not implemented: accepted only at their "off" value (see refused_fields)
+    logit_bias: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def refused_fields(self) -> list[str]:
+        """Fields given with a value this server does not implement (a 400 names them)."""
+        off = {"logit_bias": ({}, None), "tools": ([], None), "functions": ([], None),
+               "tool_choice": (None, "none"), "function_call": (None, "none")}
+        return [name for name, values in off.items() if getattr(self, name) not in values]
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -80,6 +151,7 @@ class ChatCompletionRequest(SamplingRequest):
         return self.top_logprobs or 0
 
 
+
 PromptType = Union[str, list[str], list[int], list[list[int]]]
 
 
@@ -87,6 +159,18 @@ class CompletionRequest(SamplingRequest):
     prompt: PromptType
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refused_fields(self) -> list[str]:
+        refused = super().refused_fields()
+        if self.echo:
+            refused.append("echo")
+        if self.suffix:
+            refused.append("suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            refused.append("best_of")
+        return refused
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI's legacy default for /v1/completions is 16 tokens.
@@ -96,12 +180,12 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs
 
 
-class LoadAdapterRequest(_Request):
+class LoadAdapterRequest(_Body):
     lora_name: str
     lora_path: str
 
 
-class UnloadAdapterRequest(_Request):
+class UnloadAdapterRequest(_Body):
     lora_name: str
 
 

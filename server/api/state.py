@@ -60,6 +60,7 @@ class ServerState:
     starter: Callable[[EngineConfig], EngineClient] = EngineClient.start
     engine: EngineClient | None = None    # set once the model is loaded
     load_error: str | None = None
+    died: str | None = None               # the engine stopped on a failure (set at shutdown)
 
     async def start_engine(self) -> None:
         """Load the model off the event loop; /ready turns 200 when done."""
@@ -75,18 +76,28 @@ class ServerState:
 
     async def stop_engine(self) -> None:
         if self.engine is not None:
+            self.died = self.failure       # kept: the exit code is decided after shutdown
             client, self.engine = self.engine, None
             await client.shutdown()
 
     async def refresh_metrics(self) -> None:
         self.metrics.queue_waiting.set(self.gate.waiting)
         self.metrics.inflight.set(self.gate.inflight)
-        if self.engine is not None:
+        if self.engine is not None and self.engine.is_alive:
             self.metrics.set_snapshot(await self.engine.snapshot())
 
     @property
+    def failure(self) -> str | None:
+        """Why this server can no longer serve (the model failed to load, the engine died), or None."""
+        if self.load_error or self.died:
+            return self.load_error or self.died
+        if self.engine is not None and not self.engine.is_alive:
+            return f"the engine stopped: {self.engine.death}"
+        return None
+
+    @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.gate.draining
+        return self.engine is not None and not self.gate.draining and self.failure is None
 
     def require_ready(self) -> EngineClient:
         """The AsyncEngine, or 503 while loading or draining."""
@@ -95,6 +106,8 @@ class ServerState:
         if self.engine is None:
             raise errors.unavailable(
                 "model failed to load" if self.load_error else "model is still loading; retry shortly")
+        if not self.engine.is_alive:
+            raise errors.unavailable("the engine stopped; the server is restarting")
         return self.engine
 
     def principal(self, request: Request) -> Principal:

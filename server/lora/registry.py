@@ -50,6 +50,14 @@ def valid_name(name: str) -> bool:
     return isinstance(name, str) and _NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
+def resolve_within(root: str, path: str) -> str | None:
+    """`path` (absolute, or relative to the working directory) with symlinks resolved, if that
+    lies inside the folder `root` (not root itself); None when it escapes it."""
+    root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return real if real != root and os.path.commonpath([real, root]) == root else None
+
+
 def check_name(name: str) -> None:
     if not valid_name(name):
         raise AdapterError(f"invalid adapter name {name!r}: use 1-128 of A-Z a-z 0-9 . _ -")

@@ -46,6 +46,8 @@ _CONSTRAINT_KEYS = ("json", "json_object", "regex", "choice", "grammar")
 _ANY_OBJECT = '{"type":"object"}'
 _OPTIONS = ("whitespace", "close_within")
 MAX_CLOSE_WITHIN = 4096
+MAX_SCHEMA_DEPTH = 64      # nesting levels (objects and arrays) of a schema; llguidance stops near 100
+MAX_CHOICES = 1024           # llguidance parses at most 2000 items per row: one alternation of choices
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ def _from_structured_outputs(so: dict | None) -> tuple[dict, ConstraintSpec | No
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise GrammarError(f"structured_outputs.json is not valid JSON: {e}") from e
         return options, ConstraintSpec("json", _schema_source(value, "structured_outputs.json"))
     if key == "json_object":
@@ -185,7 +187,9 @@ def _from_structured_outputs(so: dict | None) -> tuple[dict, ConstraintSpec | No
     if key == "choice":
         if (not isinstance(value, list) or not value
                 or not all(isinstance(c, str) for c in value)):
-            raise GrammarError(f"structured_outputs.choice must be a non-empty list of strings, got {value!r}")
+            raise GrammarError(f"structured_outputs.choice must be a non-empty list of strings, got {value!r:.200}")
+        if len(value) > MAX_CHOICES:
+            raise GrammarError(f"structured_outputs.choice has {len(value)} choices; at most {MAX_CHOICES}")
         return options, ConstraintSpec("choice", canonical_json(value))
     if not isinstance(value, str) or not value:
         raise GrammarError(f"structured_outputs.{key} must be a non-empty string, got {value!r}")
@@ -195,4 +199,19 @@ def _from_structured_outputs(so: dict | None) -> tuple[dict, ConstraintSpec | No
 def _schema_source(schema: Any, where: str) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(f"{where} must be a JSON Schema object, got {type(schema).__name__}")
+    if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"{where} is nested more than {MAX_SCHEMA_DEPTH} levels deep")
     return canonical_json(schema)
+
+
+def nesting_depth(value: Any) -> int:
+    """Levels of objects and arrays in a JSON value (iterative: any depth is measured safely)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in children)
+    return deepest

@@ -10,7 +10,57 @@ MSG = [{"role": "user", "content": "hi"}]
 def test_unknown_fields_are_ignored():
     r = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "presence_penalty": 0.1,
                                               "tools": [], "x-custom": 1})
-    assert r.model == "m" and not hasattr(r, "tools")
+    assert r.model == "m" and not hasattr(r, "x-custom")
+    assert r.refused_fields() == []              # an empty tools list asks for nothing
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"logit_bias": {"42": 5}}, "logit_bias"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+])
+def test_fields_not_implemented_are_named_not_ignored(patch, field):
+    r = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **patch})
+    assert r.refused_fields() == [field]
+    off = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "tool_choice": "none",
+                                                "logit_bias": {}, "function_call": None})
+    assert off.refused_fields() == []
+
+
+def test_completion_fields_not_implemented():
+    base = {"model": "m", "prompt": "x"}
+    assert CompletionRequest.model_validate({**base, "echo": True}).refused_fields() == ["echo"]
+    assert CompletionRequest.model_validate({**base, "suffix": "y"}).refused_fields() == ["suffix"]
+    assert CompletionRequest.model_validate({**base, "best_of": 3}).refused_fields() == ["best_of"]
+    assert CompletionRequest.model_validate({**base, "best_of": 2, "n": 2}).refused_fields() == []
+
+
+@pytest.mark.parametrize("patch", [{"logprobs": "yes"}, {"logprobs": 1}, {"max_tokens": 1.5},
+                                   {"max_tokens": True}, {"temperature": "1"}, {"stream": "true"},
+                                   {"n": 2.0}, {"seed": "7"}])
+def test_types_are_strict_as_in_openai(patch):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **patch})
+    ok = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "temperature": 1})
+    assert ok.temperature == 1.0                 # an integer is a number
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"model": "m", "messages": [{"role": "user", "content": "\ud800 hello"}]}, "messages.0.content"),
+    ({"model": "m\udfff", "messages": MSG}, "model"),
+    ({"model": "m", "messages": MSG, "stop": ["ok", "\udc00"]}, "stop.1"),
+    ({"model": "m", "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"properties": {"\ud83d": {}}}}}}, "response_format.json_schema.schema.properties."),
+])
+def test_lone_surrogates_are_refused_with_their_path(body, where):
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate(body)
+    err = e.value.errors()[0]
+    assert err["type"] == "invalid_unicode" and err["ctx"]["where"].startswith(where)
+    assert ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "\U0001F600 emoji and accents é"}]}).messages[0].text().startswith("\U0001F600")
 
 
 def test_content_parts_and_roles():

@@ -86,7 +86,8 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
-def start_server(tmp: Path, extra: list[str], quantization: str = "none") -> Server:
+def start_server(tmp: Path, extra: list[str], quantization: str = "none", module: str = "server.cli") -> Server:
+    """A `loraplex serve` process (or `python -m module serve`, a wrapper that injects faults)."""
     model_dir = ensure_default_model()
     adapters = tmp / "adapters"
     adapters.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def start_server(tmp: Path, extra: list[str], quantization: str = "none") -> Ser
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port),
            "--quantization", quantization, "--adapters-dir", str(adapters), "--api-keys", str(keys),
            "--max-model-len", "1024", "--kv-cache-tokens", "4096", "--max-loras", "4", *extra]
     log_file = open(log_path, "w")

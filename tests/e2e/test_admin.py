@@ -22,8 +22,8 @@ def _complete(server, model: str) -> httpx.Response:
                       json={"model": model, "prompt": "The ocean is", "max_tokens": 6, "temperature": 0})
 
 
-def test_load_use_unload(live_server, tmp_path):
-    path = write_random_adapter(str(tmp_path / "elsewhere"), model_arch(live_server.model_dir), r=4, alpha=8.0,
+def test_load_use_unload(live_server):
+    path = write_random_adapter(str(live_server.adapters_dir / "uploads" / "elsewhere"), model_arch(live_server.model_dir), r=4, alpha=8.0,
                                 targets=("q_proj", "v_proj", "o_proj"), seed=99, std=0.2)
     r = _load(live_server, "ops-fresh", path)
     assert r.status_code == 200, r.text
@@ -43,7 +43,9 @@ def test_load_use_unload(live_server, tmp_path):
     _error(r, 404, "lora_name")
 
 
-def test_load_errors(live_server, tmp_path):
+def test_load_errors(live_server):
+    tmp_path = live_server.adapters_dir / "uploads"      # admin loads come from inside the adapters folder
+    tmp_path.mkdir(exist_ok=True)
     _error(_load(live_server, "ghost", tmp_path / "does-not-exist"), 404, "lora_path")
     _error(_load(live_server, "../escape", live_server.adapters_dir / "acme-support"), 400, "lora_name")
     _error(_load(live_server, "a/b", live_server.adapters_dir / "acme-support"), 400, "lora_name")

@@ -97,3 +97,28 @@ def test_spec_validates_itself():
         ConstraintSpec("json", "{}", "loose")
     with pytest.raises(GrammarError, match="close_within applies to JSON constraints only"):
         ConstraintSpec("regex", "a+", close_within=4)
+
+
+def test_nesting_depth_is_measured_without_recursion():
+    from server.structured.spec import nesting_depth
+    assert nesting_depth({}) == 1 and nesting_depth({"a": [1, {"b": []}]}) == 4 and nesting_depth("x") == 0
+    deep: list = []
+    for _ in range(100000):                      # far past Python's recursion limit
+        deep = [deep]
+    assert nesting_depth(deep) == 100001
+
+
+def test_too_deep_schemas_and_too_many_choices_are_refused():
+    from server.structured.spec import MAX_CHOICES, MAX_SCHEMA_DEPTH
+    schema: dict = {"type": "string"}
+    for _ in range(MAX_SCHEMA_DEPTH):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(GrammarError, match="nested more than"):
+        parse_constraint({"type": "json_schema", "json_schema": {"name": "d", "schema": schema}}, None)
+    with pytest.raises(GrammarError, match="nested more than"):
+        parse_constraint(None, {"json": schema})
+    with pytest.raises(GrammarError, match="not valid JSON"):
+        parse_constraint(None, {"json": "[" * 100000 + "]" * 100000})
+    with pytest.raises(GrammarError, match=f"at most {MAX_CHOICES}"):
+        parse_constraint(None, {"choice": [str(i) for i in range(MAX_CHOICES + 1)]})
+    assert parse_constraint(None, {"choice": [str(i) for i in range(MAX_CHOICES)]}).kind == "choice"
