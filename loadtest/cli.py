@@ -8,6 +8,7 @@ import sys
 from loadtest.bench import BenchError, add_arguments
 from loadtest.localserver import ServerStartError
 from loadtest.modelmap import ModelMapError, load_model_map
+from loadtest.preflight import PreflightError
 from loadtest.scenario import ScenarioError, bundled_names, load_scenario
 
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sent as Bearer token (default: $LOADTEST_API_KEY)")
     p.add_argument("--model-map", default=None, help="YAML/JSON: scenario adapter name -> model (+ body fields)")
     p.add_argument("--out", required=True, help="folder for results.json, summary.md and plots")
+    p.add_argument("--map-missing", action="store_true",
+                   help="send scenario labels the server does not serve to the adapters it does serve")
     p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
@@ -44,13 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from loadtest.preflight import check
     from loadtest.report import write_outputs
     from loadtest.runner import Runner
 
     scenario = load_scenario(args.scenario)
     if args.seed is not None:
         scenario = replace(scenario, seed=args.seed)
-    model_map = load_model_map(args.model_map)
+    model_map = check(scenario, args.base_url, args.api_key, load_model_map(args.model_map), args.map_missing)
+    if model_map.source.endswith("--map-missing"):
+        print("loadtest: --map-missing: " + ", ".join(f"{k} -> {v.model}" for k, v in model_map.entries.items()))
     run = Runner(scenario, args.base_url, args.api_key, model_map, progress=not args.no_progress).run()
     files = write_outputs(run, args.out)
     ok = sum(r.status == "ok" for r in run.requests)
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ScenarioError, ModelMapError, BenchError, ServerStartError) as e:
+    except (ScenarioError, ModelMapError, BenchError, ServerStartError, PreflightError) as e:
         print(f"loadtest: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -40,3 +40,26 @@ def test_smoke_scenario_against_live_server(live_server, tmp_path):
     assert "| smoke | 6 | 6 | 0 | 0 |" in summary and "2/2 (100%)" in summary
     for png in ("throughput.png", "ttft_cdf.png", "itl_cdf.png"):
         assert os.path.getsize(out / png) > 1000, png
+
+
+def test_run_without_a_map_stops_before_sending(live_server, tmp_path, capsys):
+    """The scenario's a1/a2 are not adapters of the live server: nothing is sent, and the
+    message names them and the way out."""
+    out = tmp_path / "out"
+    rc = main(["run", "smoke", "--base-url", live_server.url, "--api-key", KEYS["admin"], "--out", str(out),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a1 (sent as 'a1')" in err and "a2 (sent as 'a2')" in err and "--model-map" in err
+    assert "base (sent" not in err and not out.exists()
+
+
+def test_run_with_map_missing_uses_served_adapters(live_server, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["run", "smoke", "--base-url", live_server.url, "--api-key", KEYS["admin"], "--out", str(out),
+               "--no-progress", "--map-missing"])
+    assert rc == 0, live_server.log_tail()
+    printed = capsys.readouterr().out
+    assert "--map-missing: base -> base" in printed
+    reqs = json.loads((out / "results.json").read_text())["requests"]
+    assert [r["status"] for r in reqs] == ["ok"] * 6
+    assert {r["model"] for r in reqs if r["adapter"] != "base"} <= {"acme-support", "beta-legal", "shared-json"}
