@@ -74,7 +74,7 @@ def build_model(folder: str, dry: bool) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.model.reference import randomize_
+    from bench.fixtures import randomize_
     os.makedirs(folder, exist_ok=True)
     for name in SMALL_FILES:
         shutil.copy(os.path.join(ASSETS, name), os.path.join(folder, name))
@@ -103,7 +103,7 @@ def _run_ours(model, prompts, row_slots, device, forced=None):
     import torch
 
     from server.lora.mapping import LoraBatch
-    from tests.model.paged import PagedSequences
+    from bench.fixtures import PagedSequences
     n_blocks = sum(len(p) + DECODE_STEPS + 16 for p in prompts) // 4 + 8
     model.allocate_kv_cache(n_blocks, 4)
     pages = PagedSequences(n_blocks, 4, seed=2)
@@ -163,7 +163,7 @@ def fidelity(model_dir: str, device_name: str, with_lora: bool) -> dict:
     from server.config import EngineConfig
     from server.lora.adapter import TARGETS, LoraArch, write_random_adapter
     from server.model.loader import load_model
-    from tests.model.reference import random_prompts
+    from bench.fixtures import random_prompts
     device = torch.device(device_name)
     rows = LORA_ROWS if with_lora else [None] * len(BASE_LENGTHS)
     with tempfile.TemporaryDirectory(prefix="gpu-engine-fid-") as adapters_dir:
@@ -205,10 +205,11 @@ def fidelity(model_dir: str, device_name: str, with_lora: bool) -> dict:
                   "err": _errors(steps, rows, refs)}
         if with_lora:
             from server.lora.ops import TORCH_OPS
-            result["lora_backend"] = store.ops.name
+            backend = next(iter(model.lora_linears().values())).slots.ops   # chosen once at load
+            result["lora_backend"] = backend.name
             result["min_adapter_effect"] = effect
             result["triton_f32_default"] = os.environ.get("TRITON_F32_DEFAULT", "")
-            if store.ops.name != TORCH_OPS.name:  # same device, same tokens, torch LoRA ops
+            if backend.name != TORCH_OPS.name:  # same device, same tokens, torch LoRA ops
                 for layer in model.lora_linears().values():
                     layer.slots.ops = TORCH_OPS
                 steps2, _ = _run_ours(model, prompts, row_slots, device, forced=chosen)
@@ -237,35 +238,26 @@ def fidelity_ieee_child(model_dir: str, dry: bool) -> dict:
 # -- throughput ----------------------------------------------------------------------------
 def _drive(engine, prompts, adapters, max_tokens: int) -> dict:
     """All requests at once, stepped to completion; per-step wall times."""
+    from server.engine.offline import drive
     from server.engine.request import Request, SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for ids, adapter in zip(prompts, adapters):
-        engine.add_request(Request(list(ids), params, adapter=adapter))
-    times, tokens = [], []
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        s0 = time.perf_counter()
-        outs = engine.step()
-        times.append(time.perf_counter() - s0)
-        tokens.append(sum(len(o.new_token_ids) for o in outs))
-        failed = [o.error for o in outs if o.error]
-        if failed:
-            raise RuntimeError(f"request failed: {failed[0]}")
-        if time.perf_counter() - t0 > 120:
-            raise RuntimeError(f"no completion after 120 s ({len(times)} steps)")
-        if tokens[-1] == 0:
-            time.sleep(0.001)   # waiting for an adapter load
-    wall = time.perf_counter() - t0
-    busy = [t for t, n in zip(times, tokens) if n > 0]
-    return {"wall_s": wall, "generated": sum(tokens), "steps": len(times), "idle_steps": tokens.count(0),
-            "prefill_ms": 1e3 * busy[0], "decode_ms": 1e3 * statistics.median(busy[1:] or busy)}
+    reqs = [Request(list(ids), params, adapter=adapter) for ids, adapter in zip(prompts, adapters)]
+
+    def check(out) -> None:
+        if out.error:
+            raise RuntimeError(f"request failed: {out.error}")
+    stats = drive(engine, reqs, len(reqs), check, timeout_s=120)
+    busy = stats.busy
+    return {"wall_s": stats.wall_s, "generated": stats.generated, "steps": stats.steps,
+            "idle_steps": stats.idle_steps, "prefill_ms": 1e3 * busy[0],
+            "decode_ms": 1e3 * statistics.median(busy[1:] or busy)}
 
 
 def throughput(model_dir: str, quantization: str, counts: list[int], batches: list[int], p: dict) -> list[dict]:
     import torch
 
     from server.config import EngineConfig
-    from server.engine.bench import _write_adapters
+    from bench.engine import write_adapters
     from server.engine.engine import Engine
     rows = []
     for n in counts:
@@ -278,7 +270,7 @@ def throughput(model_dir: str, quantization: str, counts: list[int], batches: li
                 t0 = time.perf_counter()
                 engine = Engine(cfg)
                 load_s = time.perf_counter() - t0
-                names = _write_adapters(engine, adapters_dir, n)
+                names = write_adapters(engine, adapters_dir, n)
                 prompts = [engine.tokenizer.encode(f"Request {i}. {TEXT}")[:32] for i in range(max(batches))]
                 for b in batches:
                     adapters = [names[i % n] if n else None for i in range(b)]
@@ -301,7 +293,7 @@ def throughput(model_dir: str, quantization: str, counts: list[int], batches: li
                 traceback.print_exc()
                 rows.append({"quantization": quantization, "adapters": n, "error": f"{type(e).__name__}: {e}"})
             finally:
-                if engine is not None and engine.store is not None:
+                if engine is not None:
                     engine.store.close()
                 del engine
                 _free_memory()
@@ -372,10 +364,8 @@ def run_section(result: dict, name: str, fn) -> None:
 def write_json(result: dict) -> None:
     out = os.environ.get("OUT")
     if out:
-        path = os.path.join(out, "gpu_engine.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
+        from loadtest.record import write_atomic
+        write_atomic(os.path.join(out, "gpu_engine.json"), json.dumps(result, indent=1).encode())
 
 
 def print_summary(result: dict) -> None:

@@ -167,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         print("FAIL", f)
     out = os.environ.get("OUT")
     if out:
+        from loadtest.record import write_atomic
         path = os.path.join(out, "lora_kernels.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(result, indent=1).encode())
         print(f"wrote {path}")
     return 1 if result["failures"] else 0
 

@@ -63,13 +63,12 @@ def write_adapters(labels: list[str], adapters_dir: str, model: str, rank: int, 
 
 
 def _model_config(model: str) -> dict:
-    if model == "default":
-        from server.model.default import ensure_default_model
-        folder = str(ensure_default_model())
-    elif os.path.isdir(model):
-        folder = model
-    else:
-        raise BenchError(f"--model must be 'default' or an HF folder with config.json, got {model!r}")
+    from server.errors import ModelLoadError
+    from server.model.loader import resolve_model_dir
+    try:
+        folder = resolve_model_dir(model)
+    except ModelLoadError as e:
+        raise BenchError(str(e)) from e
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         return json.load(f)
 

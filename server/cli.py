@@ -117,14 +117,15 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    # owned by the engine (server/engine/offline.py)
-    from server.engine.offline import generate_cli
-    return generate_cli(engine_config(args), args)
+    from server.engine.offline import GenerateArgs, generate_cli
+    return generate_cli(engine_config(args), GenerateArgs(args.prompt, args.raw, args.adapter, args.max_tokens,
+                                                          args.temperature, args.seed))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from server.engine.bench import run_bench
-    return run_bench(engine_config(args), args)
+    from bench.engine import BenchArgs, run_bench
+    return run_bench(engine_config(args), BenchArgs(args.prompts, args.batch_sizes, args.max_tokens, args.adapters,
+                                                    args.out))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -109,6 +109,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.stops = StopStringBuffer(stop)
         self.stopped = False
+        self.text = ""            # every stable delta so far, stop strings included (what was decoded)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -125,6 +126,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         self._trim()
+        self.text += delta
         text, self.stopped = self.stops.push(delta)
         return text
 

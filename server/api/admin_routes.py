@@ -7,6 +7,7 @@ escapes the adapters folder is refused, whoever asks.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -84,5 +85,5 @@ async def list_adapters(request: Request):
     state = _state(request)
     who = state.principal(request)
     state.require_ready()
-    rows = [info for info in await state.engine.adapter_infos() if who.may_use(info["name"])]
+    rows = [dataclasses.asdict(info) for info in await state.engine.adapter_infos() if who.may_use(info.name)]
     return JSONResponse({"object": "list", "data": rows})

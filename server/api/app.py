@@ -26,6 +26,7 @@ from server.api.body_limit import BodyLimit
 from server.api.auth import KeyTable
 from server.api.state import ServerState, base_model_id
 from server.config import ServerConfig
+from server.engine.local import LocalEngine
 
 log = logging.getLogger("loraplex.api")
 _GATED_PREFIX = "/v1/"
@@ -86,7 +87,7 @@ class RequestGate:
 
 def create_app(cfg: ServerConfig) -> FastAPI:
     keys = KeyTable.from_file(cfg.api_keys) if cfg.api_keys else KeyTable.empty()
-    state = ServerState(cfg=cfg, keys=keys, base_id=base_model_id(cfg.engine.model))
+    state = ServerState(cfg=cfg, keys=keys, base_id=base_model_id(cfg.engine.model), starter=LocalEngine.start)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

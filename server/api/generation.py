@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from server.api import errors
 from server.api.state import ServerState
-from server.engine.request import ErrorKind, Request, RequestOutput, SamplingParams, TokenLogprob
+from server.engine.request import ErrorKind, Request, RequestOutput, TokenLogprob
 
 log = logging.getLogger("loraplex.api")
 _DONE = object()
@@ -31,24 +30,15 @@ class ChoiceDelta:
     finish_reason: str | None       # set on the choice's last delta
 
 
-@dataclass
-class ChoiceSpec:
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    constraint: object | None
-
-
 class Generation:
-    def __init__(self, state: ServerState, adapter: str | None, choices: list[ChoiceSpec],
+    def __init__(self, state: ServerState, adapter: str | None, choices: list[Request],
                  request_id: str) -> None:
+        """choices: the engine Requests, fully built (api/requests.py); choice i is choices[i]."""
         self.state = state
         self.adapter = adapter
         self.label = adapter or state.base_id
         self.choices = choices
         self.request_id = request_id
-        # Engine ids stay unique even when clients reuse an x-request-id.
-        self._engine_prefix = f"{request_id}-{uuid.uuid4().hex[:8]}"
         self.prompt_tokens = 0          # summed over distinct prompts (n copies counted once)
         self.completion_tokens = 0
         self._prompt_seen: set[int] = set()
@@ -60,7 +50,7 @@ class Generation:
     def reserve(self) -> None:
         """Take a waiting place per choice (429 when the queue is full); call before responding."""
         self.state.admit(len(self.choices))
-        self._reserved = {c.index for c in self.choices}
+        self._reserved = set(range(len(self.choices)))
 
     def close(self) -> None:
         """Abort unfinished choices and give back waiting places; idempotent, never awaits.
@@ -82,7 +72,7 @@ class Generation:
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice as they come; the last delta of a choice has finish_reason."""
         assert self._reserved or not self.choices, "reserve() before stream()"
-        self._tasks = [asyncio.create_task(self._run(c)) for c in self.choices]
+        self._tasks = [asyncio.create_task(self._run(i, r)) for i, r in enumerate(self.choices)]
         status = "error"
         try:
             remaining = len(self._tasks)
@@ -108,7 +98,7 @@ class Generation:
 
     async def collect(self) -> dict[int, ChoiceDelta]:
         """The whole output of every choice (texts and logprobs joined), by choice index."""
-        out: dict[int, ChoiceDelta] = {c.index: ChoiceDelta(c.index, "", None, None) for c in self.choices}
+        out: dict[int, ChoiceDelta] = {i: ChoiceDelta(i, "", None, None) for i in range(len(self.choices))}
         async with contextlib.aclosing(self.stream()) as deltas:
             async for d in deltas:
                 acc = out[d.index]
@@ -119,12 +109,8 @@ class Generation:
                     acc.finish_reason = d.finish_reason
         return out
 
-    async def _run(self, choice: ChoiceSpec) -> None:
+    async def _run(self, index: int, req: Request) -> None:
         engine = self.state.engine
-        timeout = self.state.cfg.request_timeout
-        req = Request(prompt_ids=choice.prompt_ids, params=choice.params, adapter=self.adapter,
-                      constraint=choice.constraint, request_id=f"{self._engine_prefix}-{choice.index}",
-                      arrival=time.monotonic(), deadline=self._start + timeout if timeout else None)
         waiting = True
         last = time.monotonic()
         m = self.state.metrics
@@ -134,16 +120,16 @@ class Generation:
                     now = time.monotonic()
                     if waiting and (out.new_token_ids or out.finished):
                         waiting = False
-                        self._release(choice.index)
+                        self._release(index)
                         m.ttft.labels(self.label).observe(now - self._start)
                     elif out.new_token_ids:
                         m.inter_token.labels(self.label).observe(now - last)
                     last = now
-                    self._account(choice, out)
+                    self._account(req, out)
                     if out.error:
                         raise self._error(out)
                     self._queue.put_nowait(ChoiceDelta(
-                        choice.index, out.new_text, out.logprobs,
+                        index, out.new_text, out.logprobs,
                         out.finish_reason.value if out.finished and out.finish_reason else
                         ("stop" if out.finished else None)))
                     if out.finished:
@@ -153,7 +139,7 @@ class Generation:
         except BaseException as e:  # handed to the consumer, which raises it in its context
             self._queue.put_nowait(e)
         finally:
-            self._release(choice.index)
+            self._release(index)
             self._queue.put_nowait(_DONE)
 
     def _error(self, out: RequestOutput) -> errors.APIError:
@@ -167,8 +153,8 @@ class Generation:
         return errors.APIError(500, f"generation failed (request id {self.request_id})", "server_error", None,
                                "generation_failed")
 
-    def _account(self, choice: ChoiceSpec, out: RequestOutput) -> None:
-        key = id(choice.prompt_ids)
+    def _account(self, req: Request, out: RequestOutput) -> None:
+        key = id(req.prompt_ids)           # the n choices of one prompt share its id list
         if key not in self._prompt_seen:
             self._prompt_seen.add(key)
             self.prompt_tokens += out.prompt_tokens

@@ -8,31 +8,14 @@ read them (e.g. the Gateway API inference extension reads `vllm:lora_requests_in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.engine.client import EngineSnapshot
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-
-@dataclass
-class EngineSnapshot:
-    """Engine and adapter-store state at one instant (filled on the engine thread)."""
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_total: int = 0
-    kv_blocks_used: int = 0
-    max_loras: int = 0
-    device_slots_used: int = 0
-    running_adapters: list[str] = field(default_factory=list)
-    waiting_adapters: list[str] = field(default_factory=list)
-    adapter_counters: dict[str, float] = field(default_factory=dict)  # loads, evictions, hits, ...
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 # Store counters exported as loraplex_adapter_<name>_total (read from the snapshot).

@@ -17,15 +17,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api import errors
 from server.api.auth import Principal
-from server.api.generation import ChoiceSpec, Generation
+from server.api.generation import Generation
 from server.api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                  ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Completion,
                                  CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage, SamplingRequest)
 from server.api.render import SSE_DONE, TokenText, chat_logprobs, completion_logprobs, sse
+from server.api.requests import build_requests
 from server.api.state import ServerState, valid_adapter_name
-from server.engine.request import SamplingParams, choice_seed
-from server.errors import ModelLoadError, PromptTooLongError
-from server.structured.grammar import parse_constraint
+from server.errors import ModelLoadError
+from server.structured.grammar import new_matcher, parse_constraint
 
 log = logging.getLogger("loraplex.api")
 router = APIRouter()
@@ -45,48 +45,13 @@ async def resolve_model(state: ServerState, who: Principal, model: str) -> str |
     return model
 
 
-def _choices(state: ServerState, body: SamplingRequest, prompts: list[list[int]], constraints: list) -> list[ChoiceSpec]:
-    """One ChoiceSpec per (prompt, n); seeds are seed + choice number so choices differ."""
-    limit = state.engine.max_model_len
-    requested = body.requested_max_tokens()
-    if requested is not None and requested < 1:
-        raise errors.invalid(f"max_tokens must be >= 1, got {requested}", "max_tokens")
-    specs: list[ChoiceSpec] = []
-    for p, ids in enumerate(prompts):
-        if not ids:
-            raise errors.invalid("prompt must not be empty", "prompt")
-        if len(ids) >= limit:
-            raise PromptTooLongError(len(ids), limit)
-        if requested is not None and len(ids) + requested > limit:
-            raise errors.invalid(
-                f"this model's context is {limit} tokens; the prompt has {len(ids)} and max_tokens is "
-                f"{requested} (at most {limit - len(ids)} here)", "max_tokens")
-        max_tokens = requested if requested is not None else limit - len(ids)
-        for i in range(body.n):
-            index = p * body.n + i
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=0 if body.top_k is None else body.top_k,
-                frequency_penalty=body.frequency_penalty or 0.0,
-                presence_penalty=body.presence_penalty or 0.0,
-                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                seed=None if body.seed is None else choice_seed(body.seed, index),
-                stop=body.stop_strings(), ignore_eos=body.ignore_eos,
-                logprobs=body.requested_logprobs())
-            specs.append(ChoiceSpec(index, ids, params, constraints[index] if constraints else None))
-    return specs
-
-
 async def _constraints(state: ServerState, body: SamplingRequest, count: int) -> list:
     """One matcher per choice, or [] when the request has no constraint."""
     spec = parse_constraint(body.response_format, body.structured_outputs)
     if spec is None:
         return []
-    compiler = state.engine.compiler
-    compiled = await compiler.compile_async(spec)
-    return [compiler.new_matcher(compiled, spec.close_within) for _ in range(count)]
+    compiled = await state.compiler.compile_async(spec)
+    return [new_matcher(compiled, spec.close_within) for _ in range(count)]
 
 
 def _check_fields(body: SamplingRequest) -> None:
@@ -121,7 +86,8 @@ async def _prepare(request: Request, body: SamplingRequest, prompts_of, chars: i
     _check_length(state, chars, param)
     prompts = await asyncio.to_thread(prompts_of, engine.tokenizer)   # templating and tokenizing
     constraints = await _constraints(state, body, len(prompts) * body.n)
-    gen = Generation(state, adapter, _choices(state, body, prompts, constraints), request.state.request_id)
+    rid = request.state.request_id
+    gen = Generation(state, adapter, build_requests(state, body, prompts, constraints, adapter, rid), rid)
     gen.reserve()
     request.state.generation = gen    # RequestGate closes it when the response ends, whatever happened
     return state, gen
@@ -191,8 +157,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 index=d.index, delta=delta, logprobs=chat_logprobs(text, d.logprobs),
                 finish_reason=d.finish_reason)]))
         first = [sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[
-            ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]))
-            for c in gen.choices]
+            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
+            for i in range(len(gen.choices))]
         usage = (lambda u: sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[], usage=u))) \
             if include_usage else None
         return _stream_response(_sse(gen, first, chunk, usage))
@@ -230,7 +196,7 @@ async def completions(body: CompletionRequest, request: Request):
     rid = f"cmpl-{gen.request_id}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        offsets = {c.index: 0 for c in gen.choices}
+        offsets = dict.fromkeys(range(len(gen.choices)), 0)
 
         def chunk(d):
             lp = completion_logprobs(text, d.logprobs, offsets[d.index])
@@ -248,9 +214,9 @@ async def completions(body: CompletionRequest, request: Request):
 
 async def _model_cards(state: ServerState, who: Principal) -> list[ModelCard]:
     cards = [ModelCard(id=state.base_id, root=state.base_id)]
-    for name in await state.engine.adapter_names():
-        if who.may_use(name):
-            cards.append(ModelCard(id=name, root=name, parent=state.base_id))
+    for info in await state.engine.adapter_infos():
+        if who.may_use(info.name):
+            cards.append(ModelCard(id=info.name, root=info.name, parent=state.base_id))
     return cards
 
 

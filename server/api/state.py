@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,21 +16,19 @@ from fastapi import Request
 
 from server.api import errors
 from server.api.auth import KeyTable, Principal, bearer_token
-from server.api.engine_client import EngineClient
 from server.api.metrics import Metrics
 from server.config import EngineConfig, ServerConfig
+from server.engine.client import EngineClient
 from server.errors import LoraplexError
+from server.lora.registry import valid_name
 from server.model.default import MODEL_DIRNAME
+from server.structured.grammar import GrammarCompiler
 
 log = logging.getLogger("loraplex.api")
 
-# Adapter names: one path component, never a path ("../x", "a/b" are refused); the store's rule.
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 BASE_ALIAS = "base"
-
-
-def valid_adapter_name(name: str) -> bool:
-    return bool(_ADAPTER_NAME.fullmatch(name)) and name not in (".", "..")
+# Adapter names: one path component, never a path ("../x", "a/b" are refused); the store's rule.
+valid_adapter_name = valid_name
 
 
 def base_model_id(model: str) -> str:
@@ -57,15 +54,18 @@ class ServerState:
     base_id: str
     metrics: Metrics = field(default_factory=Metrics)
     gate: Gate = field(default_factory=Gate)
-    starter: Callable[[EngineConfig], EngineClient] = EngineClient.start
+    starter: Callable[[EngineConfig], EngineClient] | None = None   # loads the engine (blocking)
     engine: EngineClient | None = None    # set once the model is loaded
+    compiler: GrammarCompiler | None = None   # for the engine's tokenizer, set with it
     load_error: str | None = None
     died: str | None = None               # the engine stopped on a failure (set at shutdown)
 
     async def start_engine(self) -> None:
         """Load the model off the event loop; /ready turns 200 when done."""
+        assert self.starter is not None, "ServerState needs a starter"
         try:
             client = await asyncio.to_thread(self.starter, self.cfg.engine)
+            self.compiler = await asyncio.to_thread(GrammarCompiler, client.tokenizer.hf)
         except Exception as e:  # reported by /health and the process exit code
             log.error("model failed to load: %s", e, exc_info=not isinstance(e, LoraplexError))
             self.load_error = str(e)
@@ -78,6 +78,8 @@ class ServerState:
         if self.engine is not None:
             self.died = self.failure       # kept: the exit code is decided after shutdown
             client, self.engine = self.engine, None
+            if self.compiler is not None:
+                self.compiler.close()
             await client.shutdown()
 
     async def refresh_metrics(self) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05      # how long the loop sleeps when there is nothing to do
 STALLED_WAIT_S = 0.002  # ... and when requests wait but none could run (adapters loading)
-STATS_EVERY_S = 0.25    # how often the stats snapshot is refreshed while busy
 MAX_FAILED_STEPS = 3    # this many failing steps in a row: the engine is broken, not a request
 
 
@@ -43,13 +41,11 @@ class AsyncEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._failed_steps = 0
-        self._stats: dict = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
     # -- the engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
-        stats_at = 0.0
         try:
             while not self._stopping:
                 self._drain_inbox()
@@ -59,8 +55,6 @@ class AsyncEngine:
                     continue
                 for out in self._step():
                     self._deliver(out)
-                if time.monotonic() - stats_at > STATS_EVERY_S or not self.engine.has_unfinished():
-                    self._stats, stats_at = self.engine.stats(), time.monotonic()
                 if self.engine.last_step_tokens == 0:
                     self._wake.wait(STALLED_WAIT_S)
                     self._wake.clear()
@@ -206,10 +200,6 @@ class AsyncEngine:
         except EngineDeadError:
             pass
 
-    def stats(self) -> dict:
-        """Engine.stats() as of the last step (a snapshot; safe from any thread)."""
-        return self._stats
-
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
@@ -225,5 +215,4 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
         self.engine.constraints.close()
-        if self.engine.store is not None:
-            self.engine.store.close()
+        self.engine.store.close()

@@ -21,8 +21,8 @@ MaskRows = dict[str, "torch.Tensor | BaseException"]   # request id -> mask row 
 
 
 class ConstraintStage:
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self.decode = decode          # token ids -> text (the closing rule reads the output so far)
+    def __init__(self, text_of: Callable[[Request], str]) -> None:
+        self.text_of = text_of        # a request's output text so far (the closing rule reads it)
         self.overlap = True           # fill during the forward on a worker thread (False: inline)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
 
@@ -74,7 +74,7 @@ class ConstraintStage:
                 m = req.constraint
                 if m.close_within and req.params.max_tokens - len(req.output_ids) <= m.close_within:
                     try:
-                        m.close(sub[j], self.decode(req.output_ids))
+                        m.close(sub[j], self.text_of(req))
                     except Exception as e:
                         isolation.fatal_if_device(e, "closing rule")
                         failed.append((req, isolation.describe("closing rule", e)))

@@ -2,14 +2,12 @@
 
 One Engine owns the model, the KV pool, the scheduler, the adapter store and the sampler;
 only one thread may call it (AsyncEngine, in server/engine/async_engine.py, is that thread
-for the HTTP server). `generate_cli` is the `loraplex generate` command.
+for the HTTP server; server/engine/offline.py runs it to completion for `loraplex generate`).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -20,11 +18,13 @@ from server.engine.kv_cache import BlockPool, pool_size
 from server.engine.request import (ErrorKind, FinishReason, Request, RequestOutput, SamplingParams, SamplingParamsError,
                                    TokenLogprob)
 from server.engine import isolation
+from server.engine.client import EngineSnapshot
 from server.engine.constrain import ConstraintStage
 from server.engine.runner import Runner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler
 from server.errors import AdapterError, GrammarError
+from server.lora.store import AdapterStore
 from server.model.loader import load_model, resolve_model_dir
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -59,22 +59,14 @@ def _host_available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _adapter_store(config: EngineConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-    try:
-        from server.lora.store import AdapterStore
-    except ImportError:   # the adapter store is optional: base-model serving needs none of it
-        log.warning("server.lora.store is unavailable: adapters are disabled")
-        return None
-    return AdapterStore(config, model.lora_linears(), device, dtype)
-
-
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.resolved_device())
         self.dtype = config.resolved_dtype()
         self.model = load_model(config, self.device, self.dtype)
-        self.tokenizer = Tokenizer(resolve_model_dir(config.model))
+        model_dir = resolve_model_dir(config.model)
+        self.tokenizer = Tokenizer(model_dir)
         arch = self.model.arch
         elem = torch.tensor([], dtype=self.dtype).element_size()
         bytes_per_block = 2 * arch.num_layers * config.block_size * arch.num_kv_heads * arch.head_dim * elem
@@ -84,13 +76,13 @@ class Engine:
         # The context a request may reach: the model's (or --max-model-len), and what the pool holds.
         self.max_model_len = min(config.max_model_len or arch.max_position_embeddings,
                                  num_blocks * config.block_size)
-        self.store = _adapter_store(config, self.model, self.device, self.dtype)
+        self.store = AdapterStore(config, self.model.lora_linears(), self.device, self.dtype, model_dir)
         self.scheduler = Scheduler(config, self.pool, self.store, self.max_model_len)
         self.runner = Runner(self.model, self.pool, self.store, self.device)
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(arch.eos_token_ids))
         self._live: dict[str, _Live] = {}
-        self.constraints = ConstraintStage(self.tokenizer.decode)
+        self.constraints = ConstraintStage(lambda req: self._live[req.request_id].detok.text)
         self.last_step_tokens = 0     # tokens the last step computed (0: nothing could run)
         log.info("engine ready: %d KV blocks x %d tokens, max_model_len %d, device %s",
                  num_blocks, config.block_size, self.max_model_len, self.device)
@@ -100,7 +92,7 @@ class Engine:
         """Queue a request. Raises PromptTooLongError, AdapterError (unknown adapter), SamplingParamsError."""
         if req.request_id in self._live:
             raise ValueError(f"duplicate request id {req.request_id!r}")
-        if req.adapter is not None and (self.store is None or not self.store.exists(req.adapter)):
+        if req.adapter is not None and not self.store.exists(req.adapter):
             raise AdapterError(f"unknown adapter {req.adapter!r}")
         if not req.prompt_ids:
             raise SamplingParamsError("prompt", "the prompt must have at least one token")
@@ -127,22 +119,22 @@ class Engine:
     def live_request_ids(self) -> list[str]:
         return list(self._live)
 
-    def stats(self) -> dict:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "kv_blocks_used": self.pool.num_used, "kv_blocks_total": self.pool.num_blocks,
-                "adapters_resident": self._resident_adapters(), "preemptions": self.scheduler.num_preemptions}
-
-    def _resident_adapters(self) -> list[str]:
-        if self.store is None:
-            return []
-        return [a.name for a in self.store.list() if a.tier == "device"]
+    def snapshot(self) -> EngineSnapshot:
+        """Counters the engine already keeps, at this instant (engine thread; no disk access)."""
+        sched = self.scheduler
+        return EngineSnapshot(
+            running=len(sched.running), waiting=len(sched.waiting), kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_used=self.pool.num_used, max_loras=self.config.max_loras,
+            device_slots_used=self.store.device_slots_used(),
+            running_adapters=tuple(r.adapter for r in sched.running if r.adapter),
+            waiting_adapters=tuple(r.adapter for r in sched.waiting if r.adapter),
+            preemptions=sched.num_preemptions, adapter_counters=self.store.counters())
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduling step. A request whose own work fails ends alone, with its error
         (server/engine/isolation.py); EngineFatalError when the failure is nobody's fault."""
-        if self.store is not None:
-            self.store.poll()
+        self.store.poll()
         outputs = self._expire()
         sched = self.scheduler.schedule()
         outputs += [self._fail(r, e, ErrorKind.ADAPTER) for r, e in sched.failed]
@@ -195,7 +187,8 @@ class Engine:
         req = live.req
         req.output_ids.append(tok)
         live.completion_tokens += 1
-        reason, error = self._finish_reason(req, tok)
+        complete, error = self._consume(req, tok)
+        reason = FinishReason.ABORT if error else self._finish_reason(req, tok, complete)
         text = "" if reason == FinishReason.STOP and self._is_stop_token(req, tok) else live.detok.push([tok])
         if live.detok.stopped:
             reason = FinishReason.STOP
@@ -219,20 +212,24 @@ class Engine:
     def _is_stop_token(self, req: Request, tok: int) -> bool:
         return tok in req.params.stop_token_ids or (not req.params.ignore_eos and tok in self.eos_token_ids)
 
-    def _finish_reason(self, req: Request, tok: int) -> tuple[FinishReason | None, str | None]:
-        if self._is_stop_token(req, tok):
-            return FinishReason.STOP, None
-        if req.constraint is not None:
-            try:
-                req.constraint.consume(tok)
-            except GrammarError as e:
-                log.error("request %s: %s", req.request_id, e)
-                return FinishReason.ABORT, str(e)
-            if req.constraint.is_stopped():
-                return FinishReason.STOP, None
+    def _consume(self, req: Request, tok: int) -> tuple[bool, str | None]:
+        """Advance the request's constraint by tok (not by a token that ends the request)
+        -> (the grammar is complete, the error if the grammar refused tok)."""
+        if req.constraint is None or self._is_stop_token(req, tok):
+            return False, None
+        try:
+            req.constraint.consume(tok)
+        except GrammarError as e:
+            log.error("request %s: %s", req.request_id, e)
+            return False, str(e)
+        return req.constraint.is_stopped(), None
+
+    def _finish_reason(self, req: Request, tok: int, grammar_complete: bool) -> FinishReason | None:
+        if self._is_stop_token(req, tok) or grammar_complete:
+            return FinishReason.STOP
         if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH, None
-        return None, None
+            return FinishReason.LENGTH
+        return None
 
     def _finish(self, live: _Live, reason: FinishReason, new_ids: list[int], text: str,
                 lps: list[TokenLogprob] | None, error: str | None = None) -> RequestOutput:

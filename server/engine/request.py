@@ -10,6 +10,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from server.errors import PromptTooLongError
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,6 +33,18 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def check_fits(prompt_tokens: int, max_model_len: int, max_tokens: int | None = None) -> None:
+    """The context rule: the prompt and at least one new token fit max_model_len
+    (PromptTooLongError), and so does the prompt plus max_tokens when it is given
+    (SamplingParamsError naming max_tokens)."""
+    if prompt_tokens + 1 > max_model_len:
+        raise PromptTooLongError(prompt_tokens, max_model_len)
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise SamplingParamsError("max_tokens", f"this model's context is {max_model_len} tokens; the prompt has "
+                                  f"{prompt_tokens} and max_tokens is {max_tokens} (at most "
+                                  f"{max_model_len - prompt_tokens} here)")
 
 
 @dataclass(frozen=True)

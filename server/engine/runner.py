@@ -22,7 +22,7 @@ class AdapterSlots(Protocol):
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, pool: BlockPool, store: AdapterSlots | None,
+    def __init__(self, model: torch.nn.Module, pool: BlockPool, store: AdapterSlots,
                  device: torch.device | str) -> None:
         self.model = model
         self.pool = pool
@@ -69,6 +69,6 @@ class Runner:
             query_lens_cpu=list(sched.num_new), context_lens_cpu=context_lens, lora=lora)
 
     def _adapter_slot(self, name: str | None) -> tuple[int, int]:
-        if name is None or self.store is None:
+        if name is None:
             return -1, 0
         return self.store.slot_and_rank(name)

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from server.config import EngineConfig
 from server.engine.kv_cache import BlockPool, blocks_for
-from server.engine.request import Request, Status
+from server.engine.request import Request, Status, check_fits
 from server.errors import AdapterError, PromptTooLongError
 
 
@@ -47,13 +47,9 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(self.num_new)
 
-    def samples(self, i: int) -> bool:
-        """Whether request i reaches the end of its tokens this step (and so gets a new token)."""
-        return self.sampled[i]
-
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, pool: BlockPool, store: AdapterResidency | None,
+    def __init__(self, config: EngineConfig, pool: BlockPool, store: AdapterResidency,
                  max_model_len: int) -> None:
         self.config = config
         self.pool = pool
@@ -67,8 +63,7 @@ class Scheduler:
     # -- queue ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         n = len(req.prompt_ids)
-        if n + 1 > self.max_model_len:
-            raise PromptTooLongError(n, self.max_model_len)
+        check_fits(n, self.max_model_len)
         capacity = self.pool.num_blocks * self.pool.block_size
         if blocks_for(n + 1, self.pool.block_size) > self.pool.num_blocks:
             raise PromptTooLongError(n, capacity - 1)
@@ -90,7 +85,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.pool.free(req.block_ids)
-        if req.adapter is not None and self.store is not None:
+        if req.adapter is not None:
             self.store.unpin(req.adapter)
 
     def _preempt(self, req: Request) -> None:
@@ -175,7 +170,7 @@ class Scheduler:
     def _admit(self, req: Request, n: int, out: SchedulerOutput) -> bool:
         """Move req to running with blocks for its first n tokens; False if its adapter vanished."""
         self.waiting.remove(req)
-        if req.adapter is not None and self.store is not None:
+        if req.adapter is not None:
             try:
                 self.store.pin(req.adapter)
             except AdapterError as e:   # unloaded by an admin call since request_resident
@@ -198,4 +193,4 @@ class Scheduler:
             return False
         # Even for an adapter already in the step: after a reload its running requests may still
         # be on the old slot, and a new request must wait until the new weights are resident.
-        return self.store is None or self.store.request_resident(name)
+        return self.store.request_resident(name)

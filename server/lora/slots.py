@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from server.lora.mapping import LoraBatch
-from server.lora.ops import LoraOps
+from server.lora.ops import LoraOps, select_backend
 
 
 class LayerSlots:
@@ -52,3 +52,13 @@ class LayerSlots:
     @property
     def nbytes(self) -> int:
         return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+
+def allocate_slots(layers: dict, num_slots: int, r_max: int, device: torch.device | str,
+                   dtype: torch.dtype) -> LoraOps:
+    """Give every LoRA linear of a model its LayerSlots, all on one LoRA backend chosen here,
+    once (server/lora/ops.py select_backend); -> that backend."""
+    ops = select_backend(device)
+    for layer in layers.values():
+        layer.slots = LayerSlots(num_slots, r_max, layer.in_features, layer.out_features, device, dtype, ops)
+    return ops

@@ -17,7 +17,8 @@ slot is free.
 
 Paths: names in adapters_dir are confined to it (server/lora/registry.py: a symlink whose
 real path escapes the root is refused). `load(name, path)` is an admin operation and may
-name any folder; the path is resolved once and remembered.
+name any folder (the HTTP API only passes folders inside adapters_dir); the path is resolved
+once and remembered.
 """
 from __future__ import annotations
 
@@ -31,39 +32,36 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from server.config import EngineConfig
-from server.errors import AdapterError, ModelLoadError
+from server.errors import AdapterError
 from server.lora.adapter import WEIGHTS_FILE, LoraAdapter, LoraArch, content_hash, read_adapter
+from server.lora.host_cache import HostCache
 from server.lora.linear import LinearWithLoRA
-from server.lora.ops import select_backend
 from server.lora.registry import AdapterInfo, AdapterRegistry, Entry, check_name
-from server.lora.slots import LayerSlots
-from server.model.fingerprint import model_content_hash, read_base_hash
-from server.model.loader import resolve_model_dir
+from server.fingerprint import BaseCheck
 
 log = logging.getLogger(__name__)
 
 
 class AdapterStore:
     def __init__(self, config: EngineConfig, layers: dict[str, LinearWithLoRA],
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+                 device: torch.device | str, dtype: torch.dtype, base_dir: str | os.PathLike | None = None) -> None:
+        """base_dir: the served base model's folder, to check the base adapters record (None: no check)."""
         self.config = config
         self.arch = LoraArch.from_layers(layers)
         self.device = torch.device(device)
         self.dtype = dtype
         self.layers = layers
-        self.ops = select_backend(self.device)
-        for layer in layers.values():
-            layer.slots = LayerSlots(config.max_loras, config.max_lora_rank, layer.in_features,
-                                     layer.out_features, self.device, dtype, self.ops)
+        assert all(layer.slots is not None and layer.slots.num_slots == config.max_loras for layer in layers.values()), \
+            "the model allocates its LoRA slots (server/lora/slots.py allocate_slots) before the store uses them"
         self._lock = threading.Lock()
         self._reg = AdapterRegistry(config.adapters_dir)
         self._entries = self._reg.entries
-        self._host: OrderedDict[str, None] = OrderedDict()      # host-cache LRU order
+        self._host = HostCache(config.max_cpu_loras, self.device, dtype)
         self._wanted: OrderedDict[str, None] = OrderedDict()    # requested, waiting for a slot
         self._slot_owner: list[tuple[str, str] | None] = [None] * config.max_loras  # (name, identity)
         self._slot_used: list[float] = [0.0] * config.max_loras
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
-        self._base_hash: str | None = None   # the served base's content hash, computed on first need
+        self._base = BaseCheck(base_dir)
         # Cumulative, for /metrics: reads from disk and their seconds, slot evictions, host-cache
         # evictions, residency checks that found a slot (device hit), adapters that had to be
         # brought to a slot (device miss) from the host cache (host hit) or from disk (host miss).
@@ -112,8 +110,8 @@ class AdapterStore:
         """Worker thread: disk -> validated host copy in the serving dtype."""
         start = time.perf_counter()
         try:
-            adapter = self._to_host(read_adapter(entry.name, entry.path, self.arch, self.config.max_lora_rank))
-            self._check_base(adapter)
+            adapter = self._host.convert(read_adapter(entry.name, entry.path, self.arch, self.config.max_lora_rank))
+            self._base.check(adapter.name, os.path.join(adapter.path, WEIGHTS_FILE))
         except Exception as e:     # any failure to read it fails the requests for it, never stalls them
             if not isinstance(e, AdapterError):
                 log.error("adapter %r: load failed", entry.name, exc_info=True)
@@ -129,29 +127,6 @@ class AdapterStore:
                 self._set_host(entry, adapter)
                 entry.loading = False
 
-    def _check_base(self, adapter: LoraAdapter) -> None:
-        """Worker thread: warn when the adapter records a base other than the one served."""
-        recorded = read_base_hash(os.path.join(adapter.path, WEIGHTS_FILE))
-        if recorded is None:
-            return
-        if self._base_hash is None:   # hashed once, off the engine thread, only when needed
-            try:
-                self._base_hash = model_content_hash(resolve_model_dir(self.config.model))
-            except (ModelLoadError, OSError) as e:
-                log.warning("cannot hash the served base model to check adapter %r: %s", adapter.name, e)
-                return
-        if recorded != self._base_hash:
-            log.warning("adapter %r was trained on a different base model (sha256 %s..., serving %s...): "
-                        "its outputs may not match training", adapter.name, recorded[:12], self._base_hash[:12])
-
-    def _to_host(self, adapter: LoraAdapter) -> LoraAdapter:
-        """Weights in the serving dtype; in pinned memory for a CUDA device (async copy_)."""
-        pin = self.device.type == "cuda"
-        adapter.weights = {m: (a.to(self.dtype), b.to(self.dtype)) for m, (a, b) in adapter.weights.items()}
-        if pin:
-            adapter.weights = {m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in adapter.weights.items()}
-        return adapter
-
     def _set_host(self, entry: Entry, adapter: LoraAdapter) -> None:
         """Install a freshly read adapter as the entry's current weights. Lock held."""
         if entry.meta is not None and entry.meta.identity != adapter.identity and entry.slot is not None:
@@ -161,13 +136,7 @@ class AdapterStore:
                 self._slot_owner[entry.slot] = None
             entry.slot = None
         entry.adapter = entry.meta = adapter
-        self._host[entry.name] = None
-        self._host.move_to_end(entry.name)
-        while len(self._host) > self.config.max_cpu_loras:
-            victim = next((n for n in self._host if n not in self._wanted and n != entry.name), None)
-            if victim is None:
-                break
-            del self._host[victim]
+        for victim in self._host.admit(entry.name, self._wanted):
             self._counters["host_evictions"] += 1
             if victim in self._entries:
                 self._entries[victim].adapter = None
@@ -196,7 +165,7 @@ class AdapterStore:
                     log.error("adapter %r: copy into slot %d failed", name, slot, exc_info=True)
                     self._slot_owner[slot] = None
                     entry.slot, entry.adapter = None, None
-                    self._host.pop(name, None)
+                    self._host.discard(name)
                     entry.error = AdapterError(f"adapter {name!r} could not be placed on the device: "
                                                f"{type(e).__name__}")
 
@@ -229,7 +198,7 @@ class AdapterStore:
             if s != slot:
                 self._slot_owner[s] = None
         entry.retired = []
-        self._host.move_to_end(entry.name)
+        self._host.touch(entry.name)
 
     def _reap(self) -> None:
         """Forget unloaded adapters and free retired slots once no request pins them. Lock held."""
@@ -242,7 +211,7 @@ class AdapterStore:
             if entry.unloading:
                 if entry.slot is not None:
                     self._slot_owner[entry.slot] = None
-                self._host.pop(name, None)
+                self._host.discard(name)
                 self._wanted.pop(name, None)
                 del self._entries[name]
 
@@ -283,7 +252,7 @@ class AdapterStore:
         if not os.path.isdir(real):
             raise AdapterError(f"adapter {path}: not a folder")
         start = time.perf_counter()
-        adapter = self._to_host(read_adapter(name, real, self.arch, self.config.max_lora_rank))
+        adapter = self._host.convert(read_adapter(name, real, self.arch, self.config.max_lora_rank))
         with self._lock:
             self._counters["loads"] += 1
             self._counters["load_seconds"] += time.perf_counter() - start
@@ -303,6 +272,10 @@ class AdapterStore:
             self._reg.scan()
             return [self._info(e) for e in sorted(self._entries.values(), key=lambda e: e.name)
                     if not e.unloading]
+
+    def device_slots_used(self) -> int:
+        with self._lock:
+            return sum(owner is not None for owner in self._slot_owner)
 
     def counters(self) -> dict[str, float]:
         """Cumulative loads, load seconds, evictions, host/device hits and misses (for /metrics)."""

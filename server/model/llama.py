@@ -42,10 +42,6 @@ class LlamaArch:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
 
-    @property
-    def rope_theta(self) -> float:
-        return self.rope.theta
-
     @staticmethod
     def from_config(cfg: dict, generation: dict | None, source: str) -> "LlamaArch":
         """Parse an HF config.json (and generation_config.json) dict; `source` names the file."""

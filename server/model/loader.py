@@ -22,6 +22,7 @@ from torch import nn
 
 from server.config import EngineConfig, cache_dir
 from server.errors import ModelLoadError
+from server.lora.slots import allocate_slots
 from server.model.llama import LlamaArch, LlamaForCausalLM
 from server.model.quant import make_linear
 
@@ -32,7 +33,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def load_model(config: EngineConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
     """config.model's weights on `device`, decoder linears per config.quantization, the rest
-    (embeddings, norms, lm_head) dense in `dtype`. No KV cache yet: allocate_kv_cache."""
+    (embeddings, norms, lm_head) dense in `dtype`, and every LoRA linear's adapter slots
+    (config.max_loras x config.max_lora_rank) on the LoRA backend chosen once for the device.
+    No KV cache yet: allocate_kv_cache."""
     device = torch.device(device)
     folder = resolve_model_dir(config.model)
     arch = read_arch(folder)
@@ -42,6 +45,7 @@ def load_model(config: EngineConfig, device: torch.device | str, dtype: torch.dt
         _load_linears(model, ckpt, config.quantization, device, dtype)
         _load_dense(model, ckpt, device, dtype)
     model.eval()
+    allocate_slots(model.lora_linears(), config.max_loras, config.max_lora_rank, device, dtype)
     log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s: %.1f MiB of weights", folder, arch.architecture,
              arch.num_layers, config.quantization, str(dtype).replace("torch.", ""),
              time.perf_counter() - t0, model.weight_bytes() / 2**20)

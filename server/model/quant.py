@@ -7,7 +7,7 @@ adapter trained with QLoRA on this base therefore sees the same weights here.
 
 The matmul is `bnb.nn.Linear4bit` in eval mode. On a CPU with AVX512-BF16 it repacks its
 weight once, on the first forward, into a tiled layout and then runs a fused 4-bit GEMM.
-`benchmark()` below (576 -> 1536, float32 activations) on this shared 2-core CPU, in us per
+`python bench/nf4.py` (576 -> 1536, float32 activations) on this shared 2-core CPU, in us per
 call at batch 1 / 16: Linear4bit 80-240 / 410-1150, `quantize_4bit` + `matmul_4bit` on
 the canonical layout (dequantizes the whole weight on every call) 420-1250 / 700-1980,
 dense fp32 140-360 / 400-1020 (ranges over runs at different machine load); Linear4bit
@@ -22,7 +22,6 @@ the compute dtype.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 from torch import nn
@@ -104,31 +103,3 @@ def nf4_codes(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def is_repacked(module: nn.Module) -> bool:
     return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
-
-
-def benchmark(in_features: int = 576, out_features: int = 1536, batch: int = 16,
-              iters: int = 200) -> dict[str, float]:
-    """Microseconds per call of the NF4 paths and the dense fp32 matmul on this machine."""
-    import bitsandbytes as bnb
-    torch.manual_seed(0)
-    w = torch.randn(out_features, in_features) * 0.02
-    x = torch.randn(batch, in_features)
-    qw, qs = bnb.functional.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
-                                          quant_type="nf4", quant_storage=torch.uint8)
-    lin4 = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
-    dense = make_linear(w, None, "none", torch.device("cpu"), torch.float32)
-    paths = {
-        "linear4bit": lambda: lin4(x),
-        "matmul_4bit": lambda: bnb.matmul_4bit(x, qw.t(), quant_state=qs),
-        "dense_fp32": lambda: dense(x),
-    }
-    out: dict[str, float] = {}
-    with torch.inference_mode():
-        for name, fn in paths.items():
-            for _ in range(5):
-                fn()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            out[name] = (time.perf_counter() - t0) / iters * 1e6
-    return out

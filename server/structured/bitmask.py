@@ -4,7 +4,7 @@ Layout (llguidance's): row i, word w, bit b (LSB first) allows token 32*w + b.
 
 apply_bitmask uses plain tensor ops: each mask byte indexes a (256, 8) table of additive
 biases (0 or -inf), and the gathered row is added to the logits. Measured on the 2-core
-CPU (V = 49152, `python -m server.structured.bench --compiled-apply`): p50 33 us at
+CPU (V = 49152, `python bench/structured.py --compiled-apply`): p50 33 us at
 batch 1 and 290 us at batch 8, against 40 us / 159 us for llguidance.torch's
 apply_token_bitmask_inplace once warm; but that one goes through torch.compile (first
 call 15 s cold, 2.7 s with inductor's disk cache, another compile per new batch shape)

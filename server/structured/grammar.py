@@ -4,10 +4,10 @@ Flow for one request:
     spec = parse_constraint(response_format, structured_outputs)     # None: unconstrained
     compiled = await compiler.compile_async(spec)                   # cached by spec hash
     request.constraint = new_matcher(compiled)                      # one per choice (n > 1)
-and in the engine step:
-    bitmask = fill_bitmasks([r.constraint for r in constrained])    # int32 (n, ceil(V/32)), CPU
-    apply_bitmask(logits[rows], bitmask)                            # refused tokens -> -inf
-    r.constraint.consume(token); r.constraint.is_stopped()          # -> finish "stop"
+and in the engine step, through the Matcher's Constraint methods (server/structured/matcher.py):
+    bitmask = m.fill_masks(constrained)                             # int32 (n, ceil(V/32)), CPU
+    m.apply_masks(logits[rows], bitmask)                            # refused tokens -> -inf
+    m.consume(token); m.is_stopped()                                # -> finish "stop"
 
 Compilation (building llguidance's lexer and parser, then computing the first mask to
 prove the grammar can start) runs in a small thread pool, never on the engine loop;
@@ -61,12 +61,9 @@ _JSON_OVERRIDES = {"lenient": False, "coerce_one_of": False}
 @dataclass(frozen=True)
 class CompiledGrammar:
     spec: ConstraintSpec
-    grammar: str                       # llguidance's serialized grammar
     template: llguidance.LLMatcher     # never advanced: new matchers are deep copies of it
     vocab_size: int
     eos_token_id: int
-    compile_seconds: float
-    warnings: tuple[str, ...]
     closing: ClosingTokens             # the compiler's close_within token sets (one per tokenizer)
 
 
@@ -121,9 +118,6 @@ class GrammarCompiler:
         except asyncio.TimeoutError as e:
             raise self._timeout_error(spec) from e
 
-    def new_matcher(self, compiled: CompiledGrammar, close_within: int = 0) -> Matcher:
-        return new_matcher(compiled, close_within)
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -152,11 +146,10 @@ class GrammarCompiler:
         _raise_if_error(spec, matcher)
         if not any(first):
             raise GrammarError(f"{_describe(spec)} cannot be satisfied: no token can start it")
-        warnings = tuple(matcher.get_grammar_warnings())
-        for w in warnings:
+        for w in matcher.get_grammar_warnings():
             log.warning("%s: %s", _describe(spec), w)
-        return CompiledGrammar(spec, grammar, matcher, self.vocab_size, self.eos_token_id,
-                               time.perf_counter() - start, warnings, self.closing)
+        log.debug("%s compiled in %.3f s", _describe(spec), time.perf_counter() - start)
+        return CompiledGrammar(spec, matcher, self.vocab_size, self.eos_token_id, self.closing)
 
 
 def _raise_if_error(spec: ConstraintSpec, matcher: llguidance.LLMatcher) -> None:

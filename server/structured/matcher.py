@@ -68,13 +68,6 @@ class Matcher:
         """The output so far is a complete match (EOS is allowed now)."""
         return self._inner.is_accepting()
 
-    def is_error(self) -> bool:
-        return self._inner.is_error()
-
-    def error(self) -> str:
-        """llguidance's reason for the error state; empty when there is none."""
-        return self._inner.get_error()
-
     def fork(self) -> Matcher:
         """An independent copy at the same position (compiled grammar shared, no recompile)."""
         twin = Matcher(self._inner.deep_copy(), self.vocab_size, self.eos_token_id, self.close_within,

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.config import ConfigError
+from server.config import DEVICES, QUANTIZATIONS, ConfigError
 
 TARGET_MODULES = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
 }
-QUANTIZATIONS = ("nf4", "none")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

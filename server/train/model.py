@@ -17,17 +17,6 @@ from server.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def resolve_model_folder(model: str) -> Path:
-    """An HF folder for --model: "default" is the embedded default model."""
-    if model == "default":
-        from server.model.default import ensure_default_model
-        return Path(ensure_default_model())
-    p = Path(model)
-    if not (p.is_dir() and (p / "config.json").is_file()):
-        raise ModelLoadError(f"--model must be 'default' or an HF folder with config.json, got {model!r}")
-    return p
-
-
 def compute_dtype(device: str) -> torch.dtype:
     """The server's compute dtype: float32 on CPU, bfloat16 on CUDA."""
     return torch.bfloat16 if device == "cuda" else torch.float32

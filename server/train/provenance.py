@@ -7,14 +7,14 @@ str -> str map that PEFT ignores when loading), so it travels with the weights:
     "loraplex_base_model"    the --model value given to `loraplex train` ("default" or a path)
     "loraplex_train"         JSON of the training settings (TrainConfig.as_record())
 
-model_content_hash and read_base_hash live in server/model/fingerprint.py: the server
+model_content_hash and read_base_hash live in server/fingerprint.py: the server
 computes the same hash of the base it serves and warns when an adapter's recorded hash differs.
 """
 from __future__ import annotations
 
 import json
 
-from server.model.fingerprint import BASE_SHA256
+from server.fingerprint import BASE_SHA256
 
 BASE_MODEL = "loraplex_base_model"
 TRAIN_SETTINGS = "loraplex_train"

@@ -22,11 +22,12 @@ from torch import nn
 
 from server.config import ConfigError
 from server.errors import LoraplexError
+from server.fingerprint import model_content_hash
+from server.model.loader import resolve_model_dir
 from server.train.config import TARGET_MODULES, TrainConfig
 from server.train.data import IGNORE, Example, load_examples
 from server.train.export import save_adapter
-from server.train.model import add_lora, load_base, load_tokenizer, resolve_model_folder
-from server.model.fingerprint import model_content_hash
+from server.train.model import add_lora, load_base, load_tokenizer
 from server.train.provenance import provenance_metadata
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def fit(model: nn.Module, examples: list[Example], cfg: TrainConfig, pad_id: int
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Load the base, add LoRA, fit on cfg.data, write the adapter to cfg.out."""
-    folder = resolve_model_folder(cfg.model)
+    folder = resolve_model_dir(cfg.model)    # "default", an HF folder, or a .gguf (converted once)
     tokenizer = load_tokenizer(folder)
     examples = load_examples(cfg.data, tokenizer, cfg.max_len)  # validate before the slow part
     n_tokens = sum(sum(t != IGNORE for t in e.labels) for e in examples)

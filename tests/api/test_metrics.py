@@ -1,7 +1,8 @@
 """server/api/metrics.py: per-app registries, loraplex_* and vLLM-named series from a snapshot."""
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.api.metrics import ADAPTER_COUNTERS, EngineSnapshot, Metrics
+from server.api.metrics import ADAPTER_COUNTERS, Metrics
+from server.engine.client import EngineSnapshot
 
 
 def _samples(m: Metrics) -> dict[tuple, float]:

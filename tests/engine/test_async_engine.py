@@ -74,10 +74,10 @@ def test_add_errors_raise_in_the_caller_and_run_on_loop_returns(engines):
             await collect(ae, Request(list(range(10, 3000)), GREEDY))
         with pytest.raises(ZeroDivisionError):
             await ae.run_on_loop(lambda: 1 / 0)
-        return await ae.run_on_loop(lambda: eng.stats())
+        return await ae.run_on_loop(eng.snapshot)
 
-    stats = asyncio.run(main())
-    assert stats["running"] == 0 and stats["kv_blocks_used"] == 0 and ae.is_alive
+    snap = asyncio.run(main())
+    assert snap.running == 0 and snap.kv_blocks_used == 0 and ae.is_alive
 
 
 def test_explicit_abort_and_shutdown_end_streams(tmp_path):

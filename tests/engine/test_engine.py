@@ -110,7 +110,7 @@ def test_abort_and_errors_leave_no_blocks(engine):
         engine.add_request(Request(list(range(5, 200)), SamplingParams()))
     with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
         engine.add_request(Request(list(ids), SamplingParams(), adapter="nope"))
-    assert not engine.has_unfinished() and engine.stats()["kv_blocks_used"] == 0
+    assert not engine.has_unfinished() and engine.snapshot().kv_blocks_used == 0
 
 
 def test_grammar_constraint_gives_valid_json(engine):
@@ -118,7 +118,7 @@ def test_grammar_constraint_gives_valid_json(engine):
 
     import jsonschema
 
-    from server.structured.grammar import GrammarCompiler
+    from server.structured.grammar import GrammarCompiler, new_matcher
     from server.structured.spec import ConstraintSpec
 
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -128,7 +128,7 @@ def test_grammar_constraint_gives_valid_json(engine):
     compiled = compiler.compile(ConstraintSpec("json", json.dumps(schema)))
     chat = engine.tokenizer.encode_chat([{"role": "user", "content": "Describe Paris as JSON."}])
     reqs = [Request(list(chat), SamplingParams(max_tokens=60, temperature=t, seed=3),
-                    constraint=compiler.new_matcher(compiled)) for t in (0.0, 1.0)]
+                    constraint=new_matcher(compiled)) for t in (0.0, 1.0)]
     reqs.append(Request(list(chat), SamplingParams(max_tokens=5, temperature=0.0)))   # unconstrained row
     texts = {r.request_id: "" for r in reqs}
     finish = {}
@@ -153,7 +153,7 @@ def test_close_within_ends_a_rambling_json_value_inside_the_budget(engine):
 
     import jsonschema
 
-    from server.structured.grammar import GrammarCompiler
+    from server.structured.grammar import GrammarCompiler, new_matcher
     from server.structured.spec import parse_constraint
 
     schema = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"},
@@ -164,7 +164,7 @@ def test_close_within_ends_a_rambling_json_value_inside_the_budget(engine):
     compiled = compiler.compile(spec)
     chat = engine.tokenizer.encode_chat([{"role": "user", "content": "Write a very long story about a dragon as JSON."}])
     params = SamplingParams(max_tokens=24, temperature=0.0)
-    free, closing = (Request(list(chat), params, constraint=compiler.new_matcher(compiled, budget))
+    free, closing = (Request(list(chat), params, constraint=new_matcher(compiled, budget))
                      for budget in (0, spec.close_within))
     for r in (free, closing):
         engine.add_request(r)

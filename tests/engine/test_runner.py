@@ -49,5 +49,5 @@ def test_base_only_batch_has_no_lora():
     r = Request([1, 2, 3], SamplingParams())
     r.block_ids = [3]
     model = Recorder()
-    Runner(model, pool, None, "cpu").run(SchedulerOutput([r], [0], [3], [True]))
+    Runner(model, pool, Slots(), "cpu").run(SchedulerOutput([r], [0], [3], [True]))
     assert model.batch.lora is None and model.batch.slot_mapping.tolist() == [12, 13, 14]

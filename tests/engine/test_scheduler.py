@@ -45,6 +45,7 @@ def req(n_prompt: int, max_tokens: int = 4, adapter: str | None = None, rid: str
 
 def make(num_blocks=64, block_size=4, store=None, **cfg) -> Scheduler:
     config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **cfg)
+    store = store if store is not None else FakeStore(config.max_loras)
     return Scheduler(config, BlockPool(num_blocks, block_size), store, max_model_len=256)
 
 
@@ -53,7 +54,7 @@ def step(s: Scheduler):
     out = s.schedule()
     for i, r in enumerate(out.requests):
         assert r.num_computed == out.starts[i] + out.num_new[i]
-        if out.samples(i):
+        if out.sampled[i]:
             r.output_ids.append(7)
             if len(r.output_ids) >= r.params.max_tokens:
                 s.finish(r)
@@ -67,9 +68,9 @@ def test_token_budget_and_chunked_prefill():
     out = step(s)
     assert [r.request_id for r in out.requests] == [a.request_id, b.request_id]
     assert out.num_new == [6, 4] and out.num_tokens == 10     # b's prefill is chunked
-    assert not out.samples(1) and b.output_ids == []
+    assert not out.sampled[1] and b.output_ids == []
     out = step(s)
-    assert out.num_new == [1, 5] and out.samples(1)           # a decodes, b finishes its prefill
+    assert out.num_new == [1, 5] and out.sampled[1]           # a decodes, b finishes its prefill
     assert len(b.output_ids) == 1 and b.num_computed == 9
     out = step(s)
     assert out.num_new == [1, 1]
@@ -107,7 +108,7 @@ def test_preempts_newest_by_recompute_and_frees_everything():
         out = step(s)
         preempted |= {r.request_id for r in out.preempted}
         for i, r in enumerate(out.requests):
-            if r.request_id in before and before[r.request_id] > len(r.prompt_ids) and out.samples(i):
+            if r.request_id in before and before[r.request_id] > len(r.prompt_ids) and out.sampled[i]:
                 assert out.starts[i] == 0 and out.num_new[i] == before[r.request_id]  # prompt + output
                 readmitted += 1
         assert s.pool.num_used == sum(len(r.block_ids) for r in s.running)

@@ -10,6 +10,7 @@ from server.config import EngineConfig
 from server.errors import AdapterError
 from server.lora import store as store_mod
 from server.lora.adapter import write_random_adapter
+from server.lora.slots import allocate_slots
 from server.lora.store import AdapterStore
 from tests.lora.helpers import lora_layers, tiny_arch
 
@@ -22,6 +23,7 @@ def _make(tmp_path, n=5, max_loras=2, max_cpu_loras=3):
         write_random_adapter(str(root / f"a{i}"), tiny_arch(), r=2 + i, alpha=8, targets=TARGETS, seed=i)
     cfg = EngineConfig(adapters_dir=str(root), max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=8)
     layers = lora_layers(tiny_arch())
+    allocate_slots(layers, cfg.max_loras, cfg.max_lora_rank, "cpu", torch.float32)
     return AdapterStore(cfg, layers, "cpu", torch.float32), layers, root
 
 
@@ -183,7 +185,7 @@ def test_names_paths_and_load_errors(tmp_path):
 def test_warns_when_an_adapter_was_trained_on_another_base(tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
-    from server.model.fingerprint import BASE_SHA256, model_content_hash
+    from server.fingerprint import BASE_SHA256, model_content_hash
 
     base = tmp_path / "base"
     base.mkdir()
@@ -196,8 +198,10 @@ def test_warns_when_an_adapter_was_trained_on_another_base(tmp_path, caplog):
         tensors = load_file(weights)
         save_file(tensors, weights, metadata={"format": "pt", **({BASE_SHA256: recorded} if recorded else {})})
     cfg = EngineConfig(model=str(base), adapters_dir=str(root), max_loras=3, max_cpu_loras=3, max_lora_rank=8)
-    store = AdapterStore(cfg, lora_layers(tiny_arch()), "cpu", torch.float32)
-    with caplog.at_level("WARNING", logger="server.lora.store"):
+    layers = lora_layers(tiny_arch())
+    allocate_slots(layers, cfg.max_loras, cfg.max_lora_rank, "cpu", torch.float32)
+    store = AdapterStore(cfg, layers, "cpu", torch.float32, base)
+    with caplog.at_level("WARNING", logger="server.fingerprint"):
         for name in ("same", "other", "unrecorded"):
             _resident(store, name)
     warned = [r.getMessage() for r in caplog.records if "different base model" in r.getMessage()]

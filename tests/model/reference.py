@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.model.paged import PagedSequences
+from bench.fixtures import PagedSequences, random_prompts, randomize_  # noqa: F401  (re-exported)
 
 
 def reference_last_logits(ref: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
@@ -51,21 +51,3 @@ def run_schedule(model, ref, prompts: list[list[int]], split: int, decode_steps:
         toks = check(model(pages.step({i: [nxt[i]] for i in order})), order)
         nxt = dict(zip(order, toks))
     return worst
-
-
-def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Give a freshly initialised transformers model non-trivial norms and biases (init
-    leaves them at one and zero, which would hide a missing norm or bias)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "norm" in name:
-                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.2)
-

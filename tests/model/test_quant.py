@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 
 from server.config import EngineConfig
 from server.model.loader import load_model
-from server.model.quant import (benchmark, has_fused_cpu_kernel, is_nf4, is_repacked, make_linear, nf4_codes,
+from server.model.quant import (has_fused_cpu_kernel, is_nf4, is_repacked, make_linear, nf4_codes,
                                 set_fused_cpu)
 from tests.model.reference import random_prompts, randomize_, reference_last_logits, run_schedule
 
@@ -142,9 +142,3 @@ def test_shapes_the_fused_kernel_cannot_tile_use_the_exact_path():
     with torch.inference_mode():
         assert torch.allclose(lin(x), x @ deq.T, atol=1e-5)  # (3, 40)
     assert not is_repacked(lin)
-
-
-def test_benchmark_reports_every_path():
-    timings = benchmark(in_features=64, out_features=64, batch=2, iters=2)
-    assert set(timings) == {"linear4bit", "matmul_4bit", "dense_fp32"}
-    assert all(t > 0 for t in timings.values())

@@ -18,7 +18,7 @@ from server.cli import main as cli_main
 from server.train.config import TrainConfig
 from server.train.data import load_examples
 from server.train.model import add_lora, load_base, load_tokenizer
-from server.model.fingerprint import model_content_hash, read_base_hash
+from server.fingerprint import model_content_hash, read_base_hash
 from server.train.provenance import BASE_MODEL
 from server.train.trainer import make_batch, train
 from tests.train.conftest import chat, write_jsonl

@@ -7,17 +7,18 @@ assigns them to the prompts round-robin. Prints a table and writes JSON to args.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
 import resource
 import tempfile
-import time
+from dataclasses import dataclass
 
+from loadtest.record import write_atomic
 from server.config import ConfigError, EngineConfig
 from server.engine.engine import Engine
+from server.engine.offline import drive
 from server.engine.request import Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _prompts(engine: Engine, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def _write_adapters(engine: Engine, root: str, n: int) -> list[str]:
+def write_adapters(engine: Engine, root: str, n: int) -> list[str]:
     from server.lora.adapter import TARGETS, LoraArch, write_random_adapter
     arch = LoraArch.from_layers(engine.model.lora_linears())
     names = [f"bench-{i}" for i in range(n)]
@@ -43,32 +44,25 @@ def _write_adapters(engine: Engine, root: str, n: int) -> list[str]:
 def _run(engine: Engine, prompts: list[list[int]], adapters: list[str | None], batch: int,
          max_tokens: int) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    todo = list(zip(prompts, adapters))
-    in_flight = 0
-    steps, step_time, generated = 0, 0.0, 0
-    t0 = time.perf_counter()
-    while todo or in_flight:
-        while todo and in_flight < batch:
-            ids, adapter = todo.pop(0)
-            engine.add_request(Request(list(ids), params, adapter=adapter))
-            in_flight += 1
-        s0 = time.perf_counter()
-        outs = engine.step()
-        if engine.last_step_tokens == 0 and not outs:   # adapters still loading: let the loader run
-            time.sleep(0.005)
-            continue
-        step_time += time.perf_counter() - s0
-        steps += 1
-        generated += sum(len(o.new_token_ids) for o in outs)
-        in_flight -= sum(o.finished for o in outs)
-    wall = time.perf_counter() - t0
-    return {"batch_size": batch, "prompts": len(prompts), "generated_tokens": generated,
-            "wall_s": round(wall, 3), "tokens_per_s": round(generated / wall, 2), "steps": steps,
-            "mean_step_ms": round(1e3 * step_time / max(steps, 1), 2),
+    reqs = [Request(list(ids), params, adapter=adapter) for ids, adapter in zip(prompts, adapters)]
+    stats = drive(engine, reqs, batch)     # steps that only waited for adapter loads are not timed
+    return {"batch_size": batch, "prompts": len(prompts), "generated_tokens": stats.generated,
+            "wall_s": round(stats.wall_s, 3), "tokens_per_s": round(stats.generated / stats.wall_s, 2),
+            "steps": len(stats.busy), "mean_step_ms": round(1e3 * sum(stats.busy) / max(len(stats.busy), 1), 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def run_bench(config: EngineConfig, args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class BenchArgs:
+    """What `loraplex bench` measures, besides the engine's config."""
+    prompts: int = 32                 # prompts per batch size
+    batch_sizes: str = "1,8,32"       # comma-separated
+    max_tokens: int = 32
+    adapters: int = 0                 # distinct random adapters, round-robin
+    out: str = "bench.json"
+
+
+def run_bench(config: EngineConfig, args: BenchArgs) -> int:
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
@@ -77,7 +71,7 @@ def run_bench(config: EngineConfig, args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, adapters_dir=tmp)
         config = dataclasses.replace(config, max_num_seqs=max(config.max_num_seqs, max(batch_sizes)))
         engine = Engine(config)
-        names = _write_adapters(engine, tmp, args.adapters) if args.adapters > 0 else []
+        names = write_adapters(engine, tmp, args.adapters) if args.adapters > 0 else []
         prompts = _prompts(engine, args.prompts)
         adapters = [names[i % len(names)] if names else None for i in range(len(prompts))]
         # Warm-up, untimed: the first forward repacks NF4 weights, and every adapter that fits the
@@ -92,10 +86,7 @@ def run_bench(config: EngineConfig, args: argparse.Namespace) -> int:
               "runs": rows}
     _print_table(result)
     out = os.path.abspath(args.out)
-    fd, tmp_path = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=os.path.dirname(out))
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp_path, out)
+    write_atomic(out, json.dumps(result, indent=2).encode())
     log.info("wrote %s", out)
     return 0
 

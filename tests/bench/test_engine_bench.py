@@ -1,14 +1,13 @@
 """run_bench: the JSON it writes accounts for every requested token, at each batch size."""
-import argparse
 import json
 
 from server.config import EngineConfig
-from server.engine.bench import run_bench
+from bench.engine import BenchArgs, run_bench
 
 
 def test_bench_writes_consistent_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = argparse.Namespace(prompts=3, batch_sizes="1,3", max_tokens=3, adapters=2, out=str(out))
+    args = BenchArgs(prompts=3, batch_sizes="1,3", max_tokens=3, adapters=2, out=str(out))
     config = EngineConfig(quantization="nf4", kv_cache_tokens=512, adapters_dir=str(tmp_path / "none"))
     assert run_bench(config, args) == 0
     result = json.loads(out.read_text())

@@ -1,7 +1,7 @@
 """Constrained-decoding micro-benchmark: compile time, mask time per step, apply time.
 
-    python -m server.structured.bench [--schemas FILE] [--model DIR] [--compiled-apply]
-    python -m server.structured.bench --overlap [--rows 8] [--repeats 3]
+    python bench/structured.py [--schemas FILE] [--model DIR] [--compiled-apply]
+    python bench/structured.py --overlap [--rows 8] [--repeats 3]
 
 Replays the valid instances of a JSONSchemaBench-style file (one {"schema", "tests"} a line)
 through matchers in lock-step batches of 1 and 8, timing fill_bitmasks for each step, as
@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DEFAULT_SCHEMAS = Path(__file__).resolve().parents[2] / "tests" / "structured" / "data" / "jsonschemabench_sample.jsonl"
+import torch  # noqa: E402
+
+DEFAULT_SCHEMAS = Path(__file__).resolve().parents[1] / "tests" / "structured" / "data" / "jsonschemabench_sample.jsonl"
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -102,6 +106,7 @@ def bench_overlap(compiler, rows: list[dict], count: int, repeats: int, max_toke
     """Engine.step time with `count` constrained rows: the mask fill overlapping the forward or not (same tokens)."""
     from server.config import EngineConfig
     from server.engine.engine import Engine
+    from server.engine.offline import drive
     from server.engine.request import Request, SamplingParams
     from server.errors import GrammarError
     from server.structured.grammar import new_matcher
@@ -138,13 +143,8 @@ def bench_overlap(compiler, rows: list[dict], count: int, repeats: int, max_toke
             reqs = [Request(engine.tokenizer.encode_chat([{"role": "user", "content": "Reply with JSON following: "
                                                            + g.spec.source}]), params, constraint=new_matcher(g))
                     for g in grammars]
-            for r in reqs:
-                engine.add_request(r)
-            engine.step()                                              # prefill, not timed
-            while engine.has_unfinished():
-                start = time.perf_counter()
-                engine.step()
-                times[overlap].append(time.perf_counter() - start)
+            stats = drive(engine, reqs, len(reqs))
+            times[overlap] += stats.busy[1:]                          # the first step is the prefill
             out = [r.output_ids for r in reqs]
             assert tokens.setdefault(overlap, out) == out, "greedy runs differ between repeats"
     assert tokens[True] == tokens[False], "overlapping the mask fill changed the tokens"
