@@ -10,6 +10,7 @@ mask fill, its closing rule) is handed back as failed; the other rows go on.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,8 @@ class ConstraintStage:
     def __init__(self, text_of: Callable[[Request], str]) -> None:
         self.text_of = text_of        # a request's output text so far (the closing rule reads it)
         self.overlap = True           # fill during the forward on a worker thread (False: inline)
+        self.masking_s = 0.0          # the last constrained step's wait for its masks + applying them
+        self._since = 0.0
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
 
     def start(self, constrained: list[Request]) -> concurrent.futures.Future | None:
@@ -45,6 +48,7 @@ class ConstraintStage:
         alone so only the ones that fail alone are marked failed."""
         if filling is None:
             return {}
+        self._since = time.perf_counter()
         try:
             return {r.request_id: m for r, m in zip(constrained, filling.result().unbind(0))}
         except Exception as e:
@@ -80,6 +84,7 @@ class ConstraintStage:
                         failed.append((req, isolation.describe("closing rule", e)))
                         gone.add(req.request_id)
             logits[rows] = sub
+            self.masking_s = time.perf_counter() - self._since
         if not gone:
             return reqs, logits, []
         keep = [i for i, r in enumerate(reqs) if r.request_id not in gone]

@@ -40,9 +40,11 @@ class DriveStats:
 
 
 def drive(engine: Engine, requests: Iterable[Request], in_flight: int,
-          on_output: Callable[[RequestOutput], None] | None = None, timeout_s: float | None = None) -> DriveStats:
+          on_output: Callable[[RequestOutput], None] | None = None, timeout_s: float | None = None,
+          on_step: Callable[[list[RequestOutput]], None] | None = None) -> DriveStats:
     """Add requests in order, keeping at most in_flight unfinished in the engine, and step until
-    all of them finish; on_output sees every output. TimeoutError past timeout_s."""
+    all of them finish; on_output sees every output, on_step each step's outputs together.
+    TimeoutError past timeout_s."""
     pending = iter(requests)
     stats = DriveStats()
     live = 0
@@ -62,6 +64,8 @@ def drive(engine: Engine, requests: Iterable[Request], in_flight: int,
             live -= out.finished
             if on_output is not None:
                 on_output(out)
+        if on_step is not None:
+            on_step(outs)
         if engine.last_step_tokens == 0 and not outs:
             stats.idle_steps += 1
             time.sleep(LOADING_WAIT_S)
