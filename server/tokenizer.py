@@ -109,7 +109,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.stops = StopStringBuffer(stop)
         self.stopped = False
-        self.text = ""            # every stable delta so far, stop strings included (what was decoded)
+        self._deltas: list[str] = []   # every stable delta so far, stop strings included
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -126,9 +126,16 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         self._trim()
-        self.text += delta
+        self._deltas.append(delta)
         text, self.stopped = self.stops.push(delta)
         return text
+
+    @property
+    def text(self) -> str:
+        """The output decoded so far (stop strings included), joined when asked for."""
+        if len(self._deltas) > 1:
+            self._deltas = ["".join(self._deltas)]
+        return self._deltas[0] if self._deltas else ""
 
     def _trim(self) -> None:
         """Drop ids before the prefix window so decoding stays O(window), not O(output)."""
