@@ -18,7 +18,7 @@ import pytest
 
 from tests.e2e.conftest import KEYS
 from tests.faults.catalogue import Case, bad_inputs, edge_inputs
-from tests.faults.conftest import MAX_BODY
+from tests.faults.conftest import MAX_BODY, assert_nothing_left
 
 pytestmark = pytest.mark.e2e
 
@@ -161,11 +161,5 @@ def test_bad_inputs_fail_alone_while_good_requests_stream(fault_server):
     print(f"\nfaults: {len(bad)} distinct bad inputs, all 4xx; {len(edge)} edge inputs, all 200; "
           f"8/8 good streams identical; /health worst {worst * 1000:.0f} ms over {len(probe.latencies)} probes")
 
-    for _ in range(50):                          # the last aborts land at the next engine step
-        m = fault_server.metrics()
-        if m["loraplex_requests_running"] == 0 and m["loraplex_kv_cache_blocks_used"] == 0:
-            break
-        time.sleep(0.1)
-    assert m["loraplex_requests_running"] == 0 and m["loraplex_requests_waiting"] == 0
-    assert m["loraplex_kv_cache_blocks_used"] == 0 and m["loraplex_api_queue_waiting"] == 0
+    assert_nothing_left(fault_server)
     assert httpx.get(url + "/health").json() == {"status": "ok"}

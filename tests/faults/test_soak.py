@@ -14,6 +14,7 @@ import pytest
 
 from tests.e2e.conftest import KEYS
 from tests.faults.catalogue import Case, adapter_name_cases, grammar_cases, key_cases, numeric_cases, type_cases
+from tests.faults.conftest import assert_nothing_left
 from tests.faults.test_bad_inputs import assert_openai_error, send
 
 pytestmark = pytest.mark.e2e
@@ -88,14 +89,7 @@ def test_soak(fault_server):
     for k in warm + rest:
         done[k] = done.get(k, 0) + 1
     assert sum(done.values()) == TOTAL and elapsed < DEADLINE_S
-    for _ in range(50):
-        m = fault_server.metrics()
-        if m["loraplex_requests_running"] == 0 and m["loraplex_kv_cache_blocks_used"] == 0:
-            break
-        time.sleep(0.1)
-    assert m["loraplex_requests_running"] == 0 and m["loraplex_requests_waiting"] == 0
-    assert m["loraplex_kv_cache_blocks_used"] == 0 and m["loraplex_api_queue_waiting"] == 0
-    assert m["loraplex_api_requests_in_flight"] == 0
+    assert_nothing_left(fault_server)
     assert after - before < RSS_GROWTH_MIB, (before, after)
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     print(f"\nsoak: {TOTAL} requests {done} in {elapsed:.0f} s; RSS {before:.0f} -> {after:.0f} MiB "
