@@ -65,6 +65,8 @@ class ConstraintStage:
               ) -> tuple[list[Request], torch.Tensor, list[tuple[Request, str]]]:
         """Mask the constrained rows of logits (n, V) to what their grammar allows; inside a
         closing budget, steer toward ending the JSON value. -> (rows kept, their logits, failed)."""
+        if not masks:                 # no constrained row this step
+            return reqs, logits, []
         failed = [(r, isolation.describe("grammar mask", masks[r.request_id])) for r in reqs
                   if isinstance(masks.get(r.request_id), BaseException)]
         gone = {r.request_id for r, _ in failed}
