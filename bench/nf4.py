@@ -2,8 +2,10 @@
 
     python bench/nf4.py [--in 576] [--out 1536] [--batch 16] [--iters 200]
 
-Linear4bit (what the server runs), quantize_4bit + matmul_4bit on the canonical layout,
-and the dense fp32 linear, in one 576 -> 1536 shape by default (SmolLM2's gate/up).
+In one 576 -> 1536 shape by default (SmolLM2's gate/up): the server's NF4Linear on the
+AVX-512 kernel (`nf4_kernel`) and on its exact path (bitsandbytes' dequantize + float32
+matmul, `nf4_exact`), bitsandbytes' own Linear4bit (on this CPU, its bf16 fallback kernel),
+quantize_4bit + matmul_4bit on the canonical layout, and the dense fp32 linear.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from server.model.quant import NF4_BLOCKSIZE, make_linear  # noqa: E402
+from server.model.quant import NF4_BLOCKSIZE, make_linear, set_nf4_kernel  # noqa: E402
 
 
 def benchmark(in_features: int = 576, out_features: int = 1536, batch: int = 16,
@@ -29,9 +31,19 @@ def benchmark(in_features: int = 576, out_features: int = 1536, batch: int = 16,
     x = torch.randn(batch, in_features)
     qw, qs = bnb.functional.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
                                           quant_type="nf4", quant_storage=torch.uint8)
-    lin4 = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
+    ours = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
+    set_nf4_kernel(ours, True)
+    exact = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
+    set_nf4_kernel(exact, False)
+    lin4 = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                             compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8)
+    lin4.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
+                                    quant_type="nf4", quant_storage=torch.uint8, module=lin4).to("cpu")
+    lin4.eval()
     dense = make_linear(w, None, "none", torch.device("cpu"), torch.float32)
     paths = {
+        "nf4_kernel": lambda: ours(x),
+        "nf4_exact": lambda: exact(x),
         "linear4bit": lambda: lin4(x),
         "matmul_4bit": lambda: bnb.matmul_4bit(x, qw.t(), quant_state=qs),
         "dense_fp32": lambda: dense(x),

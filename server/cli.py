@@ -46,6 +46,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=_env("max-num-batched-tokens", d.max_num_batched_tokens))
     p.add_argument("--kv-cache-tokens", type=int, default=_env("kv-cache-tokens", d.kv_cache_tokens))
     p.add_argument("--max-model-len", type=int, default=_env("max-model-len", d.max_model_len))
+    p.add_argument("--lm-head-dtype", default=_env("lm-head-dtype", d.lm_head_dtype),
+                   choices=["auto", "float32", "bfloat16"],
+                   help="LM head weights: auto = bfloat16 for NF4 on an AVX-512 CPU")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -54,7 +57,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         adapters_dir=args.adapters_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, lm_head_dtype=args.lm_head_dtype,
     )
 
 

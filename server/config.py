@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 QUANTIZATIONS = ("nf4", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,9 @@ class EngineConfig:
     max_cpu_loras: int = 64           # adapters kept in host memory
     lora_wait_steps: int = 8          # a waiting adapter is admitted within this many steps
     seed: int = 0
+    # LM head weights read as: auto = bfloat16 for an NF4 float32 model on a CPU with the
+    # AVX-512 kernels (float32 activations and sums; half the bytes), else the model dtype
+    lm_head_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -48,6 +52,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.lm_head_dtype not in LM_HEAD_DTYPES:
+            raise ConfigError(f"lm_head_dtype must be one of {LM_HEAD_DTYPES}, got {self.lm_head_dtype!r}")
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
                      "max_loras", "max_lora_rank", "max_cpu_loras", "lora_wait_steps"):
             _positive(name, getattr(self, name))

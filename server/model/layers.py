@@ -112,6 +112,9 @@ class Attention(nn.Module):
         self.o_proj = _lora_linear(num_heads * head_dim, hidden_size, o_bias)
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, n_kv, hd)
         self.v_cache: torch.Tensor | None = None
+        # server.model.cpu_kernel.CpuKernel: decode reads K/V in place (float32 CPU caches);
+        # None: the torch path below (gather + SDPA), the oracle
+        self.kernel = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 plan: "AttentionPlan") -> torch.Tensor:
@@ -135,7 +138,11 @@ class Attention(nn.Module):
         return self.o_proj(out.view(t, -1), batch.lora)  # (T, hidden)
 
     def _decode(self, q: torch.Tensor, plan: "AttentionPlan") -> torch.Tensor:
-        """One query per sequence; all sequences' paged K/V gathered at once, padded + masked."""
+        """One query per sequence: in place on the CPU kernel; otherwise all sequences' paged
+        K/V gathered at once, padded + masked."""
+        if plan.decode_tables is None:  # the plan was built for the kernel
+            return self.kernel.paged_decode_attention(q.contiguous(), self.k_cache, self.v_cache,
+                                                      plan.decode_block_tables, plan.decode_lens, self.scale)
         tables = plan.decode_tables  # (Bd*nb,) flat block ids, -1 padding clamped to 0 and masked
         bd, length = plan.decode_mask.shape[0], plan.decode_mask.shape[-1]
         # index_select on the block axis: a plain gather, much cheaper than advanced indexing
@@ -194,9 +201,12 @@ class AttentionPlan:
     decode_tables: torch.Tensor | None  # (Bd*nb,) block tables, flattened, clamped to >= 0
     decode_mask: torch.Tensor | None    # (Bd, 1, 1, nb*block_size) bool, True = attend
     prefill_seqs: list[int]
+    decode_block_tables: torch.Tensor | None = None  # (Bd, nb) int64, for the in-place kernel
+    decode_lens: torch.Tensor | None = None          # (Bd,) int64 context lengths, for the kernel
 
     @staticmethod
-    def build(batch: ForwardBatch, block_size: int) -> "AttentionPlan":
+    def build(batch: ForwardBatch, block_size: int, in_place: bool = False) -> "AttentionPlan":
+        """in_place: the layers decode on the CPU kernel (block tables + lengths, no mask)."""
         starts = [0]
         for q in batch.query_lens_cpu:
             starts.append(starts[-1] + q)
@@ -208,7 +218,10 @@ class AttentionPlan:
         nb = -(-max(batch.context_lens_cpu[b] for b in decode) // block_size)
         idx = torch.tensor(decode, dtype=torch.int64, device=device)
         rows = torch.tensor([starts[b] for b in decode], dtype=torch.int64, device=device)
-        tables = batch.block_tables[idx, :nb].clamp(min=0).reshape(-1)  # (Bd*nb,)
         lens = batch.context_lens[idx]  # (Bd,)
+        if in_place:
+            return AttentionPlan(starts, decode, rows, None, None, prefill,
+                                 batch.block_tables[idx, :nb].contiguous(), lens)  # (Bd, nb), (Bd,)
+        tables = batch.block_tables[idx, :nb].clamp(min=0).reshape(-1)  # (Bd*nb,)
         mask = torch.arange(nb * block_size, device=device)[None, :] < lens[:, None]  # (Bd, L)
         return AttentionPlan(starts, decode, rows, tables, mask[:, None, None, :], prefill)

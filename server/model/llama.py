@@ -151,6 +151,22 @@ class LlamaForCausalLM(nn.Module):
         self.inv_freq = rope_inv_freq(arch.rope, arch.head_dim).to(device)  # (hd/2,) float32
         self.block_size = 0
         self.num_blocks = 0
+        # LM head in bfloat16 on the CPU kernel (set_lm_head_bf16), else lm_head in `dtype`
+        self.lm_head_bf16: torch.Tensor | None = None  # (vocab, hidden) bfloat16
+        self.cpu_kernel = None  # server.model.cpu_kernel.CpuKernel, with lm_head_bf16
+
+    def set_attention_kernel(self, kernel) -> None:
+        """Decode attention on `kernel` (a CpuKernel; float32 caches on the CPU) or, with None,
+        on the torch path (gather + SDPA), the oracle."""
+        for layer in self.model.layers:
+            layer.self_attn.kernel = kernel
+
+    def set_lm_head_bf16(self, kernel) -> None:
+        """Read the LM head as bfloat16 weights (half the bytes of float32) through `kernel`
+        (a CpuKernel: float32 activations, products and sums), or, with None, as lm_head's own
+        float32 weights (the oracle). The float32 weights stay: a tied head is the embedding."""
+        self.cpu_kernel = kernel
+        self.lm_head_bf16 = None if kernel is None else self.lm_head.weight.detach().to(torch.bfloat16).contiguous()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Per layer K and V caches (num_blocks, block_size, n_kv_heads, head_dim)."""
@@ -165,12 +181,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits (B, vocab) float32 at batch.logits_rows; writes K/V at batch.slot_mapping."""
         assert self.block_size > 0, "allocate_kv_cache before forward"
-        plan = AttentionPlan.build(batch, self.block_size)
+        plan = AttentionPlan.build(batch, self.block_size, in_place=self.model.layers[0].self_attn.kernel is not None)
         h = self.model.embed_tokens(batch.input_ids)  # (T, hidden)
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)  # (T, hd)
         for layer in self.model.layers:
             h = layer(h, cos, sin, batch, plan)
         h = self.model.norm(h[batch.logits_rows])  # (B, hidden)
+        if self.lm_head_bf16 is not None:
+            return self.cpu_kernel.bf16_matmul(h.float().contiguous(), self.lm_head_bf16)  # (B, vocab)
         return self.lm_head(h).float()  # (B, vocab)
 
     def lora_linears(self) -> dict[str, LinearWithLoRA]:
@@ -178,11 +196,14 @@ class LlamaForCausalLM(nn.Module):
         return {name: m for name, m in self.named_modules() if isinstance(m, LinearWithLoRA)}
 
     def weight_bytes(self) -> int:
-        """Resident bytes of all weights (NF4 codes + absmax for quantized linears; tied once)."""
+        """Resident bytes of all weights (NF4 codes + absmax for quantized linears; tied once;
+        the bf16 copy of the LM head when there is one)."""
         seen: set[int] = set()
         total = 0
         for p in self.parameters():
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 total += p.numel() * p.element_size()
+        if self.lm_head_bf16 is not None:
+            total += self.lm_head_bf16.numel() * self.lm_head_bf16.element_size()
         return total + sum(quant_state_bytes(m.base) for m in self.lora_linears().values())

@@ -2,32 +2,67 @@
 
 NF4 is exactly what transformers' `BitsAndBytesConfig(load_in_4bit=True,
 bnb_4bit_quant_type="nf4")` produces: blocksize 64, bitsandbytes' NF4 code book, one
-float32 absmax per block, no double quantization, uint8 storage (two codes per byte). An
-adapter trained with QLoRA on this base therefore sees the same weights here.
+float32 absmax per block, no double quantization, uint8 storage (two codes per byte). The
+codes are made by bitsandbytes' own `quantize_4bit`, so an adapter trained with QLoRA on
+this base sees the same weights here.
 
-The matmul is `bnb.nn.Linear4bit` in eval mode. On a CPU with AVX512-BF16 it repacks its
-weight once, on the first forward, into a tiled layout and then runs a fused 4-bit GEMM.
-`python bench/nf4.py` (576 -> 1536, float32 activations) on this shared 2-core CPU, in us per
-call at batch 1 / 16: Linear4bit 80-240 / 410-1150, `quantize_4bit` + `matmul_4bit` on
-the canonical layout (dequantizes the whole weight on every call) 420-1250 / 700-1980,
-dense fp32 140-360 / 400-1020 (ranges over runs at different machine load); Linear4bit
-is the fastest at batch 1 and on par with dense fp32 at batch 16, at a quarter of the bytes.
-
-The fused CPU kernel computes in bfloat16 (activations and absmax rounded to bf16, output
-cast back), so on CPU the NF4 path carries bf16 rounding on top of the 4-bit weights;
-`set_fused_cpu(model, False)` selects the exact float32 dequantize + matmul path instead
-(tests use it as the oracle). On CUDA bitsandbytes uses its gemv / dequantize kernels in
-the compute dtype.
+The matmul, chosen once when the model loads:
+- CPU: `NF4Linear` with the project's AVX-512 kernel (server/model/cpu_kernel.py), which reads
+  the canonical codes in place and computes in float32: it equals bitsandbytes'
+  dequantize_4bit + a float32 matmul to float rounding. Where the kernel cannot run (no
+  AVX-512, no compiler) or `set_nf4_kernel(model, False)` asks for it (the tests' oracle),
+  the same module dequantizes with bitsandbytes and runs a float32 matmul: same maths,
+  slower. bitsandbytes' own CPU path is not used: its fast kernel is a model-hub download,
+  and its fallback computes in bf16 at ~1.6 GB/s.
+- CUDA: `bnb.nn.Linear4bit` (its gemv / dequantize kernels in the compute dtype).
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 NF4_BLOCKSIZE = 64
-FUSED_CPU_TILE_N = 32  # the fused CPU kernel repacks out_features in tiles of 32 rows
+
+
+class NF4Linear(nn.Module):
+    """y = x @ dequant(codes).T + bias on the CPU; x (T, in) -> (T, out) in x's dtype.
+
+    `weight` holds the canonical packed codes, (out * in / 2, 1) uint8, as bitsandbytes
+    stores them; `quant_state` is bitsandbytes' QuantState (absmax, code book, shape).
+    `kernel` is the AVX-512 kernel, or None for the exact dequantize + float32 matmul path.
+    """
+
+    def __init__(self, codes: torch.Tensor, quant_state, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = quant_state.shape
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.quant_state = quant_state
+        self.code_book = quant_state.code.to(torch.float32).contiguous()  # (16,)
+        self.kernel = None  # server.model.cpu_kernel.CpuKernel, set by set_nf4_kernel
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense (out, in) float32 weight, by bitsandbytes' own dequantize_4bit."""
+        import bitsandbytes.functional as bnbf
+        return bnbf.dequantize_4bit(self.weight.data, self.quant_state).to(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)  # (T, in)
+        if self.kernel is None:
+            bias = None if self.bias is None else self.bias.float()
+            y = F.linear(x2, self.dequantize(), bias)  # (T, out)
+        else:
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            y = self.kernel.nf4_matmul(x2.contiguous(), self.weight, self.quant_state.absmax, self.code_book,
+                                   self.out_features, bias)  # (T, out)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str,
@@ -36,7 +71,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
 
     quantization "nf4" quantizes `weight` cast to `dtype` (as transformers does when it
     loads with `dtype=dtype`); "none" keeps it dense in `dtype`. Either way the module
-    maps (T, in) -> (T, out) in `dtype`.
+    maps (T, in) -> (T, out) in `dtype`. On the CPU an NF4 linear starts on the exact path;
+    `set_nf4_kernel` (load_model calls it) moves it to the kernel.
     """
     out_features, in_features = weight.shape
     if quantization == "none":
@@ -48,58 +84,66 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
     assert quantization == "nf4", quantization
     import bitsandbytes as bnb
 
+    w = weight.to(dtype=dtype).contiguous()
+    if torch.device(device).type == "cpu":
+        codes, state = bnb.functional.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
+                                                    quant_type="nf4", quant_storage=torch.uint8)
+        b = None if bias is None else bias.to(dtype=dtype)
+        return NF4Linear(codes, state, b).eval()
     lin = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
                             compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
                             device="meta")
-    w = weight.to(dtype=dtype).contiguous()
     lin.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=NF4_BLOCKSIZE,
                                    compress_statistics=False, quant_type="nf4",
                                    quant_storage=torch.uint8, module=lin)
     lin.weight = lin.weight.to(device)  # quantizes (a Params4bit quantizes on its first .to(device))
     if bias is not None:
         lin.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
-    if out_features % FUSED_CPU_TILE_N or in_features % 2:
-        lin.support_avx512bf16_for_cpu = False  # the fused CPU kernel's tiles do not fit this shape
     lin.eval()
     return lin
 
 
-def set_fused_cpu(model: nn.Module, enabled: bool) -> None:
-    """Choose, before the first forward, bitsandbytes' fused bf16 CPU kernel (default) or the
-    exact float32 dequantize + matmul for every NF4 linear in `model`."""
-    for m in model.modules():
-        if is_nf4(m):
-            assert enabled or not is_repacked(m), "weights already repacked for the fused kernel"
-            fits = m.out_features % FUSED_CPU_TILE_N == 0 and m.in_features % 2 == 0
-            m.support_avx512bf16_for_cpu = enabled and fits and has_fused_cpu_kernel()
-
-
-def has_fused_cpu_kernel() -> bool:
-    from bitsandbytes.functional import has_avx512bf16
-    return bool(has_avx512bf16())
+def set_nf4_kernel(model: nn.Module, enabled: bool) -> str:
+    """Put every CPU NF4 linear in `model` on the AVX-512 kernel (enabled, where it can run)
+    or on the exact dequantize + float32 matmul path; returns which, in words."""
+    linears = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    kernel = None
+    why = "exact dequantize + float32 matmul (asked for)"
+    if enabled and linears:
+        from server.model.cpu_kernel import KernelUnavailable, load
+        try:
+            kernel = load()
+            why = f"AVX-512 kernel {kernel.path.name}"
+        except KernelUnavailable as e:
+            why = f"exact dequantize + float32 matmul, slower: {e}"
+            log.warning("NF4 on CPU: %s", why)
+    for m in linears:
+        m.kernel = kernel if m.in_features % NF4_BLOCKSIZE == 0 else None
+    return why
 
 
 def is_nf4(module: nn.Module) -> bool:
+    if isinstance(module, NF4Linear):
+        return True
     # No import here: a Linear4bit exists only once bitsandbytes is loaded, and a dense
     # (quantization "none") model must not need bitsandbytes installed.
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def _state(module: nn.Module):
+    return module.quant_state if isinstance(module, NF4Linear) else module.weight.quant_state
+
+
 def quant_state_bytes(module: nn.Module) -> int:
     """Bytes held by an NF4 linear's quantization statistics (absmax, code book); 0 if dense."""
-    if not is_nf4(module) or module.weight.quant_state is None:
+    if not is_nf4(module) or _state(module) is None:
         return 0
-    qs = module.weight.quant_state
+    qs = _state(module)
     return sum(t.numel() * t.element_size() for t in (qs.absmax, qs.code) if t is not None)
 
 
 def nf4_codes(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed codes, absmax) as the module holds them: canonical (out*in/2, 1) uint8 codes
-    and (out*in/64,) float32 absmax until the fused CPU kernel's first forward, which
-    repacks the codes into tiles and rounds absmax to bfloat16 (out of place, one-way)."""
-    return module.weight.data, module.weight.quant_state.absmax
-
-
-def is_repacked(module: nn.Module) -> bool:
-    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+    and (out*in/64,) float32 absmax."""
+    return module.weight.data, _state(module).absmax

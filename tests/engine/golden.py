@@ -3,6 +3,12 @@
 without a JSON schema, each run alone as `loraplex generate` runs it.
 
     python -m tests.engine.golden OUT.json     # writes the outputs of this checkout
+
+The file is recorded on the exact path: bitsandbytes' float32 dequantize + matmul for the
+NF4 linears and the float32 LM head (`oracle_engine`). It was first recorded on
+bitsandbytes' bf16 CPU kernel, the serving path then; 4 of the 8 runs changed when the
+serving path became float32 (the AVX-512 NF4 kernel, which the golden test shows equal to
+the exact path, token for token).
 """
 from __future__ import annotations
 
@@ -53,9 +59,21 @@ def generate_all(engine: Engine) -> list[dict]:
     return out
 
 
+def config(adapters_dir: str, lm_head_dtype: str) -> EngineConfig:
+    return EngineConfig(adapters_dir=adapters_dir, kv_cache_tokens=4096, max_loras=4, lm_head_dtype=lm_head_dtype)
+
+
+def oracle_engine(adapters_dir: str) -> Engine:
+    """The exact path: float32 dequantize + matmul (bitsandbytes), float32 LM head."""
+    from server.model.quant import set_nf4_kernel
+    engine = Engine(config(adapters_dir, "float32"))
+    set_nf4_kernel(engine.model, False)
+    return engine
+
+
 def main(path: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(EngineConfig(adapters_dir=tmp, kv_cache_tokens=4096, max_loras=4))
+        engine = oracle_engine(tmp)
         write_adapters(Path(tmp), engine)
         runs = generate_all(engine)
     Path(path).write_text(json.dumps(runs, indent=1, ensure_ascii=False) + "\n")

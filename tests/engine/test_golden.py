@@ -1,7 +1,9 @@
 """Greedy outputs stay byte-identical across refactors: 8 fixed runs (base and three adapters,
 with and without a JSON schema, default model in NF4) against tests/data/golden_generate.json,
-recorded before the engine/API seam was redrawn (`python -m tests.engine.golden FILE`), and
-`loraplex generate` on the first prompt against its recorded text."""
+recorded on the exact path (`python -m tests.engine.golden FILE`; see golden.py), here run on
+the serving NF4 kernel with the float32 LM head; and `loraplex generate` on the first prompt
+(the full serving default, bf16 LM head included) against its recorded text. The bf16 head's
+own greedy check is in tests/model/test_lm_head.py."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import EngineConfig
 from server.engine.engine import Engine
+from server.model.quant import NF4Linear
 from tests.engine import golden
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +28,8 @@ def adapters(tmp_path_factory):
 
 
 def test_greedy_outputs_equal_the_recorded_ones(adapters):
-    engine = Engine(EngineConfig(adapters_dir=str(adapters), kv_cache_tokens=4096, max_loras=4))
+    engine = Engine(golden.config(str(adapters), "float32"))
+    assert all(m.kernel is not None for m in engine.model.modules() if isinstance(m, NF4Linear))
     golden.write_adapters(adapters, engine)
     runs = golden.generate_all(engine)
     assert len(runs) == len(GOLDEN) == 8 and {r["adapter"] for r in runs} == {None, "gold-a", "gold-b", "gold-c"}

@@ -9,12 +9,10 @@ prefill step and two decode steps through the paged KV cache.
 Tolerances. quantization none: both sides run float32 on identical weights and differ only
 in summation order (~1e-5 here): bound 1e-3.
 NF4: both sides quantize the same float32 tensors with bitsandbytes (byte-identical codes,
-see tests/model/test_quant.py), and both run its exact float32 dequantize + matmul
-(`set_fused_cpu(..., False)`); the LoRA path is float32 on both sides, so the same 1e-3
-bound holds, and the base-only row must match too. bitsandbytes' fused CPU kernel (the
-serving default on AVX512-BF16 CPUs) rounds activations to bf16 and is not used here: it is
-the base model's concern (tests/model/test_quant.py), and with it the comparison would
-measure bf16 rounding rather than the adapter path. In addition, each NF4 LoRA linear fed
+see tests/model/test_quant.py). The reference runs bitsandbytes' exact float32 dequantize +
+matmul (its fused CPU kernel rounds to bf16 and is switched off); ours runs its serving
+path, the AVX-512 NF4 kernel, which computes in float32 too. The LoRA path is float32 on
+both sides, so the same 1e-3 bound holds, and the base-only row must match too. In addition, each NF4 LoRA linear fed
 one input must add what PEFT's bnb LoRA layer adds, to 1e-5. Every adapter must move its
 row's logits by over 5x the bound, or the comparison would prove nothing.
 """
@@ -30,10 +28,9 @@ from server.config import EngineConfig
 from server.lora.mapping import LoraBatch
 from server.lora.store import AdapterStore
 from server.model.loader import load_model
-from server.model.quant import set_fused_cpu
 from tests.lora.helpers import save_peft_adapter, tiny_llama, tiny_llama_config
 from tests.model.paged import PagedSequences
-from tests.model.reference import random_prompts, randomize_
+from tests.model.reference import bnb_exact, random_prompts, randomize_
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTERS = {
@@ -64,10 +61,9 @@ def setup(tmp_path_factory):
 
 def _ours(model_dir, adapters_dir, quantization, names):
     cfg = EngineConfig(model=str(model_dir), quantization=quantization, adapters_dir=str(adapters_dir),
+                       lm_head_dtype="float32",
                        max_loras=8, max_cpu_loras=8, max_lora_rank=64)
     model = load_model(cfg, "cpu", torch.float32)
-    if quantization == "nf4":
-        set_fused_cpu(model, False)
     store = AdapterStore(cfg, model.lora_linears(), "cpu", torch.float32)
     end = time.monotonic() + 60
     for name in names:
@@ -152,7 +148,7 @@ def test_mixed_batch_matches_peft_nf4(setup):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     ref = HFLlama.from_pretrained(str(setup / "base"), quantization_config=bnb, dtype=torch.float32,
                                   device_map="cpu").eval()
-    set_fused_cpu(ref, False)
+    bnb_exact(ref)
     model, store = _check(setup / "base", setup / "adapters", "nf4", ref, ROWS, LENGTHS, 128, 1e-3, 1e-3)
     # (b) layer by layer: the same input through our NF4 LoRA linear and PEFT's bnb LoRA layer
     slot, rank = store.slot_and_rank("r4")

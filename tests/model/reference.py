@@ -51,3 +51,13 @@ def run_schedule(model, ref, prompts: list[list[int]], split: int, decode_steps:
         toks = check(model(pages.step({i: [nxt[i]] for i in order})), order)
         nxt = dict(zip(order, toks))
     return worst
+
+
+def bnb_exact(model: torch.nn.Module) -> None:
+    """Put a transformers + bitsandbytes NF4 model on bitsandbytes' exact CPU path (float32
+    dequantize + matmul), before its first forward: its fused CPU kernel computes in bf16."""
+    import bitsandbytes as bnb
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False), "already repacked"
+            m.support_avx512bf16_for_cpu = False

@@ -1,18 +1,16 @@
 """NF4 base weights against transformers + bitsandbytes on the same checkpoint (a small
 random Llama, so that both sides quantize in seconds; the default model's NF4 path is
-exercised end to end in test_llama.py).
+exercised end to end in test_llama.py), and the AVX-512 kernel against bitsandbytes'
+dequantize + a float32/float64 matmul.
 
 Both sides quantize the same float32 tensors with bitsandbytes' quantize_4bit (blocksize
 64, NF4, no double quant), so the packed codes and absmax must be byte-identical.
 
-Logits are compared twice:
-- exact path (float32 dequantize + matmul on both sides): same codes, same maths, so only
-  the summation-order noise of the dense test (~1e-5) remains: bound 1e-3, far below the
-  NF4-vs-dense gap (~2 here, asserted > 0.1) that any wrong code, block or absmax causes;
-- the fused CPU kernel both sides serve with: it computes in bfloat16, so float32 noise of
-  ~1e-6 flips bf16 roundings (relative 2^-8) that the layers amplify (~0.02 here on logits
-  of magnitude ~5); per layer the two sides are bit-identical on identical inputs (asserted
-  with torch.equal), so the whole-model bound is 0.1, still well below the NF4 gap.
+Logits are compared on bitsandbytes' exact path on the reference side (float32 dequantize +
+matmul) against both of ours: the exact path (same maths) and the serving kernel (float32
+products and sums in another order). Either way only summation-order noise remains (~1e-5
+here): bound 1e-3, far below the NF4-vs-dense gap (~2 here, asserted > 0.1) that any wrong
+code, block or absmax causes.
 """
 from __future__ import annotations
 
@@ -22,17 +20,15 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 
 from server.config import EngineConfig
 from server.model.loader import load_model
-from server.model.quant import (has_fused_cpu_kernel, is_nf4, is_repacked, make_linear, nf4_codes,
-                                set_fused_cpu)
-from tests.model.reference import random_prompts, randomize_, reference_last_logits, run_schedule
+from server.model.cpu_kernel import load as load_kernel
+from server.model.quant import NF4Linear, is_nf4, make_linear, nf4_codes, set_nf4_kernel
+from tests.model.reference import bnb_exact, random_prompts, randomize_, reference_last_logits, run_schedule
 
 EXACT_TOL = 1e-3
-FUSED_TOL = 0.1
 
 
 def _tiny_config() -> LlamaConfig:
-    # every out_features a multiple of 32 and in_features of 64, as the fused CPU kernel's
-    # tiles and the NF4 blocks need (true of real models)
+    # every in_features a multiple of 64, as the NF4 kernel needs (true of real models)
     return LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        initializer_range=0.1, tie_word_embeddings=False)
@@ -45,11 +41,14 @@ def nf4_pair(tmp_path_factory):
     randomize_(dense, 0)
     folder = tmp_path_factory.mktemp("tiny-nf4")
     dense.save_pretrained(str(folder))
-    ours = load_model(EngineConfig(model=str(folder), quantization="nf4"), "cpu", torch.float32)
+    # the float32 LM head (the oracle; the bf16 head is tested in test_lm_head.py)
+    ours = load_model(EngineConfig(model=str(folder), quantization="nf4", lm_head_dtype="float32"), "cpu",
+                      torch.float32)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_compute_dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.float32,
                                                device_map="cpu").eval()
+    bnb_exact(ref)
     return ours, ref, dense
 
 
@@ -59,86 +58,119 @@ def test_nf4_codes_byte_identical_to_transformers(nf4_pair):
     linears = ours.lora_linears()
     assert len(linears) == 3 * 7
     for name, lin in linears.items():
-        assert is_nf4(lin.base), name
-        assert is_repacked(lin.base) == is_repacked(ref_modules[name])  # both sides move together
+        assert is_nf4(lin.base) and isinstance(lin.base, NF4Linear), name
+        assert lin.base.kernel is not None, name  # load_model put it on the kernel
         codes, absmax = nf4_codes(lin.base)
         ref_codes, ref_absmax = nf4_codes(ref_modules[name])
         assert codes.dtype == torch.uint8 and codes.numel() == lin.in_features * lin.out_features // 2
         assert absmax.numel() == lin.in_features * lin.out_features // 64
         assert torch.equal(codes, ref_codes), name
         assert torch.equal(absmax, ref_absmax), name
-        qs = lin.base.weight.quant_state
+        qs = lin.base.quant_state
         assert qs.blocksize == 64 and qs.quant_type == "nf4" and not qs.nested
 
 
 def test_nf4_logits_match_transformers_bnb(nf4_pair):
     ours, ref, dense = nf4_pair
     prompts = random_prompts([6, 21, 14], 512, seed=10)
-    # Exact path on both sides (float32 dequantize + matmul): same codes, same maths.
-    set_fused_cpu(ours, False)
-    set_fused_cpu(ref, False)
+    # The serving kernel against bitsandbytes' exact path.
     assert run_schedule(ours, ref, prompts, split=8, decode_steps=2) <= EXACT_TOL
+    # Our exact path too (the oracle the other tests use), then back to the kernel.
+    set_nf4_kernel(ours, False)
+    try:
+        assert all(m.kernel is None for m in ours.modules() if isinstance(m, NF4Linear))
+        assert run_schedule(ours, ref, prompts, split=8, decode_steps=2) <= EXACT_TOL
+    finally:
+        set_nf4_kernel(ours, True)
     # The quantization really changed the model: NF4 logits differ clearly from dense ones.
     tokens = prompts[1]
     gap = (reference_last_logits(dense, tokens) - reference_last_logits(ref, tokens)).abs().max().item()
     assert gap > 100 * EXACT_TOL
 
-    # The serving path on this CPU: bitsandbytes' fused kernel, in bf16 (see quant.py).
-    set_fused_cpu(ours, True)
-    set_fused_cpu(ref, True)
-    g = torch.Generator().manual_seed(12)
-    with torch.inference_mode():
-        for name in ("model.layers.0.self_attn.k_proj", "model.layers.2.mlp.down_proj"):
-            lin = ours.lora_linears()[name]
-            x = torch.randn(5, lin.in_features, generator=g)  # (5, in)
-            assert torch.equal(lin(x), ref.get_submodule(name)(x)), name  # same kernel, same codes
-            if has_fused_cpu_kernel():
-                assert is_repacked(lin.base)
-    assert run_schedule(ours, ref, prompts, split=8, decode_steps=2) <= FUSED_TOL
-
 
 def test_nf4_weight_bytes(nf4_pair):
     ours, _, dense = nf4_pair
-    # 4-bit codes + one absmax per 64 weights for the linears (fp32; bf16 once the fused CPU
-    # kernel has repacked them), bitsandbytes' 16-entry fp32 code book per linear; the rest
+    # 4-bit codes + one float32 absmax per 64 weights for the linears, bitsandbytes' 16-entry
+    # fp32 code book per linear; the rest
     # (embeddings, untied lm_head, norms) dense fp32
     linears = ours.lora_linears()
     linear_params = sum(l.in_features * l.out_features for l in linears.values())
-    absmax_size = linears["model.layers.0.mlp.up_proj"].base.weight.quant_state.absmax.element_size()
     dense_params = sum(p.numel() for p in dense.parameters()) - linear_params
-    expected = linear_params // 2 + linear_params // 64 * absmax_size + len(linears) * 16 * 4 + dense_params * 4
+    expected = linear_params // 2 + linear_params // 64 * 4 + len(linears) * 16 * 4 + dense_params * 4
     assert ours.weight_bytes() == expected
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_make_linear_nf4_matches_dequantized_reference(fused):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_make_linear_nf4_matches_dequantized_reference(kernel):
     """One NF4 linear against a float64 matmul with bitsandbytes' own dequantized weight."""
     import bitsandbytes.functional as F
     torch.manual_seed(0)
     w = torch.randn(96, 128) * 0.05
     b = torch.randn(96)
     lin = make_linear(w, b, "nf4", torch.device("cpu"), torch.float32)
-    set_fused_cpu(lin, fused)
+    set_nf4_kernel(lin, kernel)
+    assert (lin.kernel is not None) == kernel
     codes, _ = nf4_codes(lin)
-    deq = F.dequantize_4bit(codes, lin.weight.quant_state)  # (96, 128)
+    deq = F.dequantize_4bit(codes, lin.quant_state)  # (96, 128)
     assert (deq - w).abs().max().item() > 1e-4  # it is quantized, not the dense weight
     x = torch.randn(5, 128)
     with torch.inference_mode():
         y = lin(x)  # (5, 96)
     expected = x.double() @ deq.double().T + b.double()
-    # exact path: float32 rounding only; fused CPU kernel: bf16 activations and absmax
-    # (relative 2^-8 each) over 128 products of outputs of magnitude ~0.6
-    tol = 2e-2 if fused and has_fused_cpu_kernel() else 1e-5
-    assert (y.double() - expected).abs().max().item() < tol
+    # float32 products and sums over 128 terms of outputs of magnitude ~1
+    assert (y.double() - expected).abs().max().item() < 1e-5
 
 
-def test_shapes_the_fused_kernel_cannot_tile_use_the_exact_path():
-    torch.manual_seed(1)
-    w = torch.randn(40, 64)  # 40 rows: not a multiple of the fused kernel's 32-row tiles
-    lin = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
+# (out, in, batch): odd batches, batches past the kernel's 4-row tiles, out not a multiple
+# of its 4-row groups, in at the 64 minimum, and SmolLM2's and Llama-8B's shapes
+KERNEL_SHAPES = [(40, 64, 1), (41, 64, 3), (96, 128, 5), (1536, 576, 8), (576, 1536, 7),
+                 (192, 576, 33), (578, 576, 2), (4096, 4096, 1), (128, 14336, 6), (64, 256, 0)]
+
+
+@pytest.mark.parametrize("out_f,in_f,batch", KERNEL_SHAPES)
+def test_kernel_equals_bnb_dequantize_and_matmul(out_f, in_f, batch):
+    """The AVX-512 kernel reads the codes as bitsandbytes does (its own dequantization is
+    bit-identical to dequantize_4bit) and its matmul equals a float64 matmul of the same
+    float32 inputs to float32 rounding: relative 1e-6 of sum |x| |w| per output."""
     import bitsandbytes.functional as F
-    deq = F.dequantize_4bit(nf4_codes(lin)[0], lin.weight.quant_state)  # (40, 64)
-    x = torch.randn(3, 64)
+    kernel = load_kernel()
+    g = torch.Generator().manual_seed(out_f * 7 + in_f + batch)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    codes, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4",
+                                quant_storage=torch.uint8)
+    deq = F.dequantize_4bit(codes, qs)  # (out, in) float32
+    assert torch.equal(kernel.nf4_dequantize(codes, qs.absmax, qs.code, out_f, in_f), deq)
+    x = torch.randn(batch, in_f, generator=g)
+    bias = torch.randn(out_f, generator=g)
+    y = kernel.nf4_matmul(x, codes, qs.absmax, qs.code, out_f, bias)  # (batch, out)
+    expected = x.double() @ deq.double().T + bias.double()
+    scale = x.double().abs() @ deq.double().abs().T + bias.double().abs()
+    assert y.shape == (batch, out_f)
+    if batch:
+        assert ((y.double() - expected).abs() / scale).max().item() < 1e-6
+
+
+def test_kernel_reads_strided_rows():
+    """A view whose rows are strided (a slice of a wider activation) gives the same result."""
+    import bitsandbytes.functional as F
+    kernel = load_kernel()
+    torch.manual_seed(3)
+    w = torch.randn(64, 128) * 0.05
+    codes, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4",
+                                quant_storage=torch.uint8)
+    wide = torch.randn(5, 256)
+    y = kernel.nf4_matmul(wide[:, :128], codes, qs.absmax, qs.code, 64, None)
+    assert torch.equal(y, kernel.nf4_matmul(wide[:, :128].contiguous(), codes, qs.absmax, qs.code, 64, None))
+
+
+def test_shapes_the_kernel_cannot_take_use_the_exact_path():
+    torch.manual_seed(1)
+    w = torch.randn(40, 96)  # in_features 96: NF4 blocks of 64 span rows, the kernel refuses
+    lin = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
+    set_nf4_kernel(lin, True)
+    assert lin.kernel is None
+    import bitsandbytes.functional as F
+    deq = F.dequantize_4bit(nf4_codes(lin)[0], lin.quant_state)  # (40, 96)
+    x = torch.randn(3, 96)
     with torch.inference_mode():
         assert torch.allclose(lin(x), x @ deq.T, atol=1e-5)  # (3, 40)
-    assert not is_repacked(lin)

@@ -1,0 +1,207 @@
+"""The project's CPU kernels (csrc/cpu_matmul.c), built once per machine, loaded with ctypes:
+the NF4 matmul of the decoder linears, the bf16-weight matmul of the LM head, and paged
+decode attention that reads K/V in place.
+
+Why a small C library and not the alternatives (measured on this 2-core AVX-512 CPU, see
+bench/nf4.py and the closing notes of the decode-step work):
+- bitsandbytes' fast CPU GEMM is downloaded from a model hub at run time, which cannot be
+  reached here; its built-in fallback (`gemv_4bit` in bf16) runs at ~1.6 GB/s of codes.
+- `torch.compile` of dequantize + matmul: Inductor does not fuse a 16-entry table lookup
+  into its matmul, so it writes the dequantized weight (8x the bytes of the codes) and
+  reads it back.
+- torch's own int4 weight-only kernels take a uniform grid with zero points, not NF4's
+  non-uniform code book; converting would change the weights the adapters were trained on.
+- A torch C++ extension would work too, but it compiles against torch's headers for a
+  minute; this file is plain C with AVX-512 intrinsics that gcc builds in about a second,
+  and it shares torch's OpenMP runtime (the same libgomp.so.1, already loaded by torch).
+
+The library is built into the model cache (`cache_dir()/kernels/`) under a name that hashes
+the source, the flags and the compiler, written to a temporary path and renamed, so a
+rebuild is never half-written and an edit never loads a stale build. `make` builds it at
+set-up (`python -m server.model.cpu_kernel`); the first model load builds it if it is missing.
+Where the CPU lacks AVX-512 or no compiler is found, `load()` says why and returns None, and
+NF4 linears use the exact dequantize + float32 matmul path instead (slower, same maths).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server.config import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_matmul.c"
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp",
+          "-fPIC", "-shared")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU kernels cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class CpuKernel:
+    lib: ctypes.CDLL
+    path: Path
+
+    def nf4_matmul(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor,
+               out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (T, K) float32 contiguous rows -> (T, N) float32 = x @ dequant(codes).T + bias."""
+        t, k = x.shape
+        y = torch.empty(t, out_features, dtype=torch.float32)  # (T, N)
+        rc = self.lib.nf4_matmul_f32(
+            x.data_ptr(), t, k, x.stride(0), codes.data_ptr(), absmax.data_ptr(), code_book.data_ptr(),
+            out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
+            torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"nf4_matmul_f32 failed on x {tuple(x.shape)} -> {out_features}")
+        return y
+
+    def bf16_matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (T, K) float32 rows, weight (N, K) bfloat16 contiguous -> (T, N) float32, with
+        float32 products and sums."""
+        t, k = x.shape
+        n = weight.shape[0]
+        assert weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.shape[1] == k
+        y = torch.empty(t, n, dtype=torch.float32)  # (T, N)
+        rc = self.lib.bf16_matmul_f32(x.data_ptr(), t, k, x.stride(0), weight.data_ptr(), n, y.data_ptr(),
+                                      y.stride(0), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"bf16_matmul_f32 failed on x {tuple(x.shape)} -> {n}")
+        return y
+
+    def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+        """One query per sequence over its paged K/V, read in place: q (B, H, hd) float32,
+        caches (num_blocks, block_size, Hkv, hd) float32, block_tables (B, width) int64 (entries
+        past a sequence's blocks are never read), context_lens (B,) int64 -> (B, H, hd)."""
+        b, h, hd = q.shape
+        _, block_size, hkv, _ = k_cache.shape
+        assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+        assert block_tables.dtype == context_lens.dtype == torch.int64 and block_tables.stride(1) == 1
+        lens = context_lens.contiguous()  # held: the kernel reads it through a raw pointer
+        out = torch.empty_like(q)  # (B, H, hd)
+        rc = self.lib.paged_decode_attention_f32(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+            lens.data_ptr(), b, h, hkv, hd, block_size, scale, out.data_ptr(),
+            torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"paged_decode_attention_f32 failed on q {tuple(q.shape)}")
+        return out
+
+    def nf4_dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor,
+                   out_features: int, in_features: int) -> torch.Tensor:
+        """The dense (N, K) float32 weight, as this kernel reads the codes."""
+        w = torch.empty(out_features, in_features, dtype=torch.float32)
+        rc = self.lib.nf4_dequant_f32(codes.data_ptr(), absmax.data_ptr(), code_book.data_ptr(),
+                                      out_features, in_features, w.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"nf4_dequant_f32 failed on ({out_features}, {in_features})")
+        return w
+
+
+def cpu_supports() -> tuple[bool, str]:
+    """Whether this CPU has the AVX-512 subsets the kernel uses, and if not, what it lacks."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if not flags:
+        cap = torch.backends.cpu.get_cpu_capability()
+        return (cap.startswith("AVX512"), f"torch reports CPU capability {cap}")
+    missing = [f for f in REQUIRED_FLAGS if f not in flags]
+    return (not missing, f"this CPU lacks {', '.join(missing)}" if missing else "")
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def library_path(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    return Path(cache_dir()) / "kernels" / f"cpu_matmul-{key}.so"
+
+
+def build() -> Path:
+    """Compile the kernel unless this exact build exists; returns the library's path."""
+    ok, why = cpu_supports()
+    if not ok:
+        raise KernelUnavailable(f"the CPU kernels need AVX-512: {why}")
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelUnavailable("the CPU kernels need a C compiler (cc or gcc; set CC)")
+    path = library_path(compiler)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode != 0:
+            raise KernelUnavailable(f"building the CPU kernels failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+_loaded: CpuKernel | KernelUnavailable | None = None
+
+
+def load() -> CpuKernel:
+    """The kernels, built if needed, loaded once per process; raises KernelUnavailable."""
+    global _loaded
+    if _loaded is None:
+        try:
+            path = build()
+            lib = ctypes.CDLL(str(path))
+        except KernelUnavailable as e:
+            _loaded = e
+        except OSError as e:
+            _loaded = KernelUnavailable(f"loading the CPU kernels failed: {e}")
+        else:
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            lib.nf4_matmul_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p, i64, ctypes.c_int]
+            lib.nf4_matmul_f32.restype = ctypes.c_int
+            lib.nf4_dequant_f32.argtypes = [p, p, p, i64, i64, p]
+            lib.nf4_dequant_f32.restype = ctypes.c_int
+            lib.bf16_matmul_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, ctypes.c_int]
+            lib.bf16_matmul_f32.restype = ctypes.c_int
+            lib.paged_decode_attention_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
+                                                       ctypes.c_float, p, ctypes.c_int]
+            lib.paged_decode_attention_f32.restype = ctypes.c_int
+            _loaded = CpuKernel(lib, path)
+    if isinstance(_loaded, KernelUnavailable):
+        raise _loaded
+    return _loaded
+
+
+def main() -> int:
+    """`python -m server.model.cpu_kernel`: build the kernels now (the Makefile's set-up step)."""
+    try:
+        print(f"CPU kernels: {load().path}")
+    except KernelUnavailable as e:
+        print(f"CPU kernels not built ({e}); NF4 models will use the exact, slower path")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
