@@ -21,7 +21,11 @@ class LinearWithLoRA(nn.Module):
         self.slots = None  # server.lora.slots.LayerSlots, attached at start-up when LoRA is on
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        y = self.base(x)  # (T, out)
+        return self.add_lora(x, self.base(x), lora)  # (T, out)
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """y (T, out), this linear's base output (or a view of a fused base's output), plus the
+        LoRA of each row's adapter, in place; -> y."""
         if lora is None or self.slots is None or not lora.any:
             return y
         return self.slots.add_lora(x, y, lora)  # (T, out)

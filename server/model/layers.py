@@ -90,9 +90,15 @@ class MLP(nn.Module):
         self.gate_proj = _lora_linear(hidden_size, intermediate_size, bias)
         self.up_proj = _lora_linear(hidden_size, intermediate_size, bias)
         self.down_proj = _lora_linear(intermediate_size, hidden_size, bias)
+        self.gate_up: nn.Module | None = None  # fused gate/up base (the loader's), or None
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        h = F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)  # (T, inter)
+        if self.gate_up is None:
+            h = F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)  # (T, inter)
+        else:
+            inter = self.gate_proj.out_features
+            y = self.gate_up(x)  # (T, 2 * inter), one matmul
+            h = F.silu(self.gate_proj.add_lora(x, y[:, :inter], lora)) * self.up_proj.add_lora(x, y[:, inter:], lora)
         return self.down_proj(h, lora)  # (T, hidden)
 
 
@@ -110,6 +116,7 @@ class Attention(nn.Module):
         self.k_proj = _lora_linear(hidden_size, num_kv_heads * head_dim, qkv_bias)
         self.v_proj = _lora_linear(hidden_size, num_kv_heads * head_dim, qkv_bias)
         self.o_proj = _lora_linear(num_heads * head_dim, hidden_size, o_bias)
+        self.qkv: nn.Module | None = None  # fused q/k/v base (the loader's), or None
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, n_kv, hd)
         self.v_cache: torch.Tensor | None = None
         # server.model.cpu_kernel.CpuKernel: decode reads K/V in place (float32 CPU caches);
@@ -119,9 +126,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 plan: "AttentionPlan") -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x, batch.lora).view(t, self.num_heads, self.head_dim)  # (T, H, hd)
-        k = self.k_proj(x, batch.lora).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
-        v = self.v_proj(x, batch.lora).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
+        if self.qkv is None:
+            q, k, v = self.q_proj(x, batch.lora), self.k_proj(x, batch.lora), self.v_proj(x, batch.lora)
+        else:
+            nq, nk = self.q_proj.out_features, self.k_proj.out_features
+            y = self.qkv(x)  # (T, nq + 2 nk), one matmul; LoRA added to each projection's columns
+            q = self.q_proj.add_lora(x, y[:, :nq], batch.lora)
+            k = self.k_proj.add_lora(x, y[:, nq:nq + nk], batch.lora)
+            v = self.v_proj.add_lora(x, y[:, nq + nk:], batch.lora)
+        q = q.view(t, self.num_heads, self.head_dim)  # (T, H, hd)
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         assert self.k_cache is not None and self.v_cache is not None, "allocate_kv_cache first"

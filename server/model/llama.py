@@ -16,7 +16,7 @@ from server.errors import ModelLoadError
 from server.lora.linear import LinearWithLoRA
 from server.model.batch import ForwardBatch
 from server.model.layers import MLP, Attention, AttentionPlan, RMSNorm, RopeConfig, rope_cos_sin, rope_inv_freq
-from server.model.quant import quant_state_bytes
+from server.model.quant import quant_tensors
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -196,14 +196,10 @@ class LlamaForCausalLM(nn.Module):
         return {name: m for name, m in self.named_modules() if isinstance(m, LinearWithLoRA)}
 
     def weight_bytes(self) -> int:
-        """Resident bytes of all weights (NF4 codes + absmax for quantized linears; tied once;
-        the bf16 copy of the LM head when there is one)."""
-        seen: set[int] = set()
-        total = 0
-        for p in self.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
-        if self.lm_head_bf16 is not None:
-            total += self.lm_head_bf16.numel() * self.lm_head_bf16.element_size()
-        return total + sum(quant_state_bytes(m.base) for m in self.lora_linears().values())
+        """Resident bytes of all weights: parameters, NF4 absmax and code books, the bf16 copy
+        of the LM head; each storage once (tied weights, fused bases and their row views)."""
+        tensors = list(self.parameters()) + [b for b in (self.lm_head_bf16,) if b is not None]
+        for m in self.modules():
+            tensors += quant_tensors(m)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())

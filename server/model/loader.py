@@ -24,7 +24,7 @@ from server.config import EngineConfig, cache_dir
 from server.errors import ModelLoadError
 from server.lora.slots import allocate_slots
 from server.model.llama import LlamaArch, LlamaForCausalLM
-from server.model.quant import make_linear, set_nf4_kernel
+from server.model.quant import NF4_BLOCKSIZE, make_linear, row_slice, set_nf4_kernel
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,45 @@ class Checkpoint:
         self._handles.clear()
 
 
+# projections computed as one fused base matmul: (module, its parts in order)
+FUSED = (("self_attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+         ("mlp.gate_up", ("mlp.gate_proj", "mlp.up_proj")))
+
+
 def _load_linears(model: LlamaForCausalLM, ckpt: Checkpoint, quantization: str,
                   device: torch.device, dtype: torch.dtype) -> None:
-    for name, lin in model.lora_linears().items():
-        shape = (lin.out_features, lin.in_features)
-        weight = ckpt.get(f"{name}.weight", shape)
-        bias = ckpt.get(f"{name}.bias", (lin.out_features,)) if lin.base.bias is not None else None
-        lin.base = make_linear(weight, bias, quantization, device, dtype)
+    """Every LoRA linear's base. On the CPU, q/k/v and gate/up are quantized (or kept dense)
+    as one fused matrix, which their layer runs as one matmul; each projection's base is a
+    view of its rows (row_slice), so weights are held once."""
+    linears = model.lora_linears()
+    fuse = device.type == "cpu" and (quantization == "none" or model.arch.hidden_size % NF4_BLOCKSIZE == 0)
+    done: set[str] = set()
+    if fuse:
+        for i, layer in enumerate(model.model.layers):
+            for fused_name, parts in FUSED:
+                names = [f"model.layers.{i}.{p}" for p in parts]
+                weights = [_weight(linears[n], n, ckpt) for n in names]
+                biases = [_bias(linears[n], n, ckpt) for n in names]
+                bias = None if biases[0] is None else torch.cat(biases)
+                fused = make_linear(torch.cat(weights), bias, quantization, device, dtype)  # (sum out, in)
+                owner_name, _, leaf = fused_name.rpartition(".")
+                setattr(layer.get_submodule(owner_name), leaf, fused)
+                lo = 0
+                for n, w in zip(names, weights):
+                    linears[n].base = row_slice(fused, lo, lo + w.shape[0])
+                    lo += w.shape[0]
+                    done.add(n)
+    for name, lin in linears.items():
+        if name not in done:
+            lin.base = make_linear(_weight(lin, name, ckpt), _bias(lin, name, ckpt), quantization, device, dtype)
+
+
+def _weight(lin, name: str, ckpt: Checkpoint) -> torch.Tensor:
+    return ckpt.get(f"{name}.weight", (lin.out_features, lin.in_features))
+
+
+def _bias(lin, name: str, ckpt: Checkpoint) -> torch.Tensor | None:
+    return ckpt.get(f"{name}.bias", (lin.out_features,)) if lin.base.bias is not None else None
 
 
 def _load_dense(model: LlamaForCausalLM, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:

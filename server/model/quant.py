@@ -103,6 +103,30 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
     return lin
 
 
+def row_slice(fused: nn.Module, lo: int, hi: int) -> nn.Module:
+    """Rows lo:hi of a fused base linear as a module of its own, sharing its memory (views of
+    the codes and absmax, or of the dense weight): what the projection's LinearWithLoRA holds
+    when its model runs the fused module instead. NF4 needs in_features % 64 == 0, so that no
+    block spans two rows: then these codes equal the projection's own, quantized alone."""
+    bias = None if fused.bias is None else fused.bias.detach()[lo:hi]
+    if isinstance(fused, NF4Linear):
+        k = fused.in_features
+        assert k % NF4_BLOCKSIZE == 0, k
+        qs = fused.quant_state
+        from bitsandbytes.functional import QuantState
+        state = QuantState(absmax=qs.absmax[lo * k // NF4_BLOCKSIZE:hi * k // NF4_BLOCKSIZE], shape=torch.Size((hi - lo, k)),
+                           code=qs.code, blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=qs.dtype)
+        part = NF4Linear(fused.weight.data[lo * k // 2:hi * k // 2], state, bias).eval()
+        part.kernel = fused.kernel
+        return part
+    assert isinstance(fused, nn.Linear), type(fused)
+    part = nn.Linear(fused.in_features, hi - lo, bias=bias is not None, device="meta")
+    part.weight = nn.Parameter(fused.weight.detach()[lo:hi], requires_grad=False)
+    if bias is not None:
+        part.bias = nn.Parameter(bias, requires_grad=False)
+    return part
+
+
 def set_nf4_kernel(model: nn.Module, enabled: bool) -> str:
     """Put every CPU NF4 linear in `model` on the AVX-512 kernel (enabled, where it can run)
     or on the exact dequantize + float32 matmul path; returns which, in words."""
@@ -135,12 +159,14 @@ def _state(module: nn.Module):
     return module.quant_state if isinstance(module, NF4Linear) else module.weight.quant_state
 
 
-def quant_state_bytes(module: nn.Module) -> int:
-    """Bytes held by an NF4 linear's quantization statistics (absmax, code book); 0 if dense."""
+def quant_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors of an NF4 linear's quantization statistics (absmax, code book; the CPU
+    module's float32 code book copy); [] for anything else."""
     if not is_nf4(module) or _state(module) is None:
-        return 0
+        return []
     qs = _state(module)
-    return sum(t.numel() * t.element_size() for t in (qs.absmax, qs.code) if t is not None)
+    extra = [module.code_book] if isinstance(module, NF4Linear) else []
+    return [t for t in (qs.absmax, qs.code) if t is not None] + extra
 
 
 def nf4_codes(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

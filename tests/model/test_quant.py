@@ -96,7 +96,9 @@ def test_nf4_weight_bytes(nf4_pair):
     linears = ours.lora_linears()
     linear_params = sum(l.in_features * l.out_features for l in linears.values())
     dense_params = sum(p.numel() for p in dense.parameters()) - linear_params
-    expected = linear_params // 2 + linear_params // 64 * 4 + len(linears) * 16 * 4 + dense_params * 4
+    # one code book per quantized matrix: q/k/v and gate/up are quantized fused (loader.FUSED)
+    codebooks = 4 * len(ours.model.layers)
+    expected = linear_params // 2 + linear_params // 64 * 4 + codebooks * 16 * 4 + dense_params * 4
     assert ours.weight_bytes() == expected
 
 
@@ -174,3 +176,22 @@ def test_shapes_the_kernel_cannot_take_use_the_exact_path():
     x = torch.randn(3, 96)
     with torch.inference_mode():
         assert torch.allclose(lin(x), x @ deq.T, atol=1e-5)  # (3, 40)
+
+
+def test_qkv_and_gate_up_run_fused_over_the_projections_codes(nf4_pair):
+    """On the CPU each layer runs q/k/v and gate/up as one NF4 matmul; each projection's base
+    is a view of the fused codes (the byte-identity test above compares those views with
+    transformers' separately quantized modules), and the fused output is the projections'."""
+    ours, _, _ = nf4_pair
+    layer = ours.model.layers[1]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert isinstance(attn.qkv, NF4Linear) and isinstance(mlp.gate_up, NF4Linear)
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert attn.qkv.out_features == sum(p.out_features for p in parts)
+    storage = attn.qkv.weight.untyped_storage().data_ptr()
+    assert all(p.base.weight.untyped_storage().data_ptr() == storage for p in parts)
+    x = torch.randn(3, attn.qkv.in_features)
+    with torch.inference_mode():
+        fused = attn.qkv(x)  # (3, q + k + v)
+        assert torch.equal(fused, torch.cat([p.base(x) for p in parts], dim=1))
+        assert torch.equal(mlp.gate_up(x), torch.cat([mlp.gate_proj.base(x), mlp.up_proj.base(x)], dim=1))
