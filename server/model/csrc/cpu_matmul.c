@@ -24,7 +24,7 @@
 #include <stdlib.h>
 
 #define NR 4   /* rows of W per group */
-#define MT 4   /* rows of x per tile */
+#define MT 4   /* rows of x per tile (store_tile assumes NR == MT == 4) */
 
 /* Expand `rows` rows of codes (K/2 bytes each) into buf (rows * K floats), each 32 values in
  * "split" order: the 16 even elements of the 32, then the 16 odd ones (the high and the low
@@ -35,15 +35,14 @@ static void dequant_rows(const uint8_t *codes, const float *absmax, __m512 lut, 
     const __m512i mask = _mm512_set1_epi32(0xF);
     const int64_t blocks = (int64_t)rows * K / 64;
     for (int64_t b = 0; b < blocks; b++) {
-        const __m512 scale = _mm512_set1_ps(absmax[b]);
+        /* code[q] * absmax, looked up from the scaled book: the same float32 product */
+        const __m512 book = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
         const uint8_t *src = codes + b * 32;
         float *dst = buf + b * 64;
         for (int half = 0; half < 2; half++) {
             __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + half * 16)));
-            __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);  /* elements 2j */
-            __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(v, mask), lut); /* elements 2j+1 */
-            _mm512_storeu_ps(dst + half * 32, _mm512_mul_ps(even, scale));
-            _mm512_storeu_ps(dst + half * 32 + 16, _mm512_mul_ps(odd, scale));
+            _mm512_storeu_ps(dst + half * 32, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), book));  /* 2j */
+            _mm512_storeu_ps(dst + half * 32 + 16, _mm512_permutexvar_ps(_mm512_and_si512(v, mask), book));  /* 2j+1 */
         }
     }
 }
@@ -59,6 +58,31 @@ static void split_rows(const float *x, int64_t T, int64_t K, int64_t xs, float *
             _mm512_storeu_ps(xp + t * K + k + 16, _mm512_permutex2var_ps(a, odd_idx, b));
         }
     }
+}
+
+/* The 16 sums of a full NR x MT tile (acc[r][m] for y[t + m, n0 + r]), reduced together by a
+ * transpose tree (45 shuffles and adds instead of 16 separate reductions) and stored as MT
+ * runs of 4 consecutive outputs. */
+static inline __attribute__((always_inline)) void store_tile(__m512 acc[NR][MT], float *y, int64_t ys,
+                                                             int64_t t, int64_t n0, const float *bias) {
+    __m512 u[8], w[4];
+    for (int j = 0; j < 8; j++) {  /* vector i = r * 4 + m */
+        __m512 a = acc[(2 * j) / 4][(2 * j) % 4], b = acc[(2 * j + 1) / 4][(2 * j + 1) % 4];
+        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+    for (int j = 0; j < 4; j++)
+        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
+    __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+    __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+    __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* 128-bit lane m of sums = (y[t + m, n0 + r] for r = 0..3) */
+    if (bias) sums = _mm512_add_ps(sums, _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n0)));
+    _mm_storeu_ps(y + (t + 0) * ys + n0, _mm512_extractf32x4_ps(sums, 0));  /* MT == 4 */
+    _mm_storeu_ps(y + (t + 1) * ys + n0, _mm512_extractf32x4_ps(sums, 1));
+    _mm_storeu_ps(y + (t + 2) * ys + n0, _mm512_extractf32x4_ps(sums, 2));
+    _mm_storeu_ps(y + (t + 3) * ys + n0, _mm512_extractf32x4_ps(sums, 3));
 }
 
 /* y[t, n0 + r] for r < nr, t < T, from the dequantized rows in buf. Inlined, so that the
@@ -78,9 +102,13 @@ static inline __attribute__((always_inline)) void tile_rows(const float *buf, in
                 for (int m = 0; m < MT; m++) acc[r][m] = _mm512_fmadd_ps(w, xv[m], acc[r][m]);
             }
         }
-        for (int r = 0; r < nr; r++)
-            for (int m = 0; m < MT; m++)
-                y[(t + m) * ys + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + (bias ? bias[n0 + r] : 0.0f);
+        if (nr == NR) {
+            store_tile(acc, y, ys, t, n0, bias);
+        } else {
+            for (int r = 0; r < nr; r++)
+                for (int m = 0; m < MT; m++)
+                    y[(t + m) * ys + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + (bias ? bias[n0 + r] : 0.0f);
+        }
     }
     for (; t < T; t++) {
         __m512 acc[NR];
