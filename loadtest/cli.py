@@ -1,4 +1,4 @@
-"""`python -m loadtest` (also `loraplex loadtest`): run | compare | bench-local | scenarios."""
+"""`python -m loadtest` (also `loraplex loadtest`): run | compare | bench-local | peers | scenarios."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import sys
 from loadtest.bench import BenchError, add_arguments
 from loadtest.localserver import ServerStartError
 from loadtest.modelmap import ModelMapError, load_model_map
+from loadtest.peers import add_arguments as add_peers_arguments
 from loadtest.preflight import PreflightError
 from loadtest.scenario import ScenarioError, bundled_names, load_scenario
 
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_bench_local)
 
+    p = sub.add_parser("peers", help="loraplex and the peer servers under the same loads, in one run")
+    add_peers_arguments(p)
+    p.set_defaults(func=_cmd_peers)
+
     p = sub.add_parser("scenarios", help="list the bundled scenarios")
     p.set_defaults(func=_cmd_scenarios)
     return parser
@@ -62,6 +67,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     ok = sum(r.status == "ok" for r in run.requests)
     print(f"loadtest: {ok}/{len(run.requests)} requests ok; wrote {', '.join(files)} to {args.out}")
     return 0 if ok else 1
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    from loadtest.peers import run_peers
+    return run_peers(args)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
