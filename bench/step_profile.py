@@ -5,6 +5,9 @@
 Starts an engine on the default model (NF4), puts `batch` requests in flight (with
 `adapters` random adapters round-robin), runs until every request decodes, then profiles
 `steps` decode steps and prints the ops by self CPU time, and the mean wall time per step.
+It also measures the machine's streaming read (a float32 sum over 512 MiB, all threads) in
+the same run and prints the step's byte floor: the bytes a decode step must read (NF4 codes
+and absmax, the LM head as served) over that bandwidth.
 """
 from __future__ import annotations
 
@@ -22,6 +25,33 @@ from bench.engine import write_adapters  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import Request, SamplingParams  # noqa: E402
+
+
+def read_gb_s(mib: int = 512, reps: int = 5) -> float:
+    """Best streaming-read bandwidth of `reps` float32 sums over `mib` MiB, in GB/s."""
+    buf = torch.ones(mib * 2**20 // 4)
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(reps))
+    return buf.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_bytes(engine: Engine) -> int:
+    """Weight bytes one decode step reads: every decoder linear's codes and absmax (each
+    storage once) and the LM head as served (bf16 copy or float32)."""
+    from server.model.quant import quant_tensors
+    model = engine.model
+    tensors = [m.base.weight for m in model.lora_linears().values()]
+    for m in model.lora_linears().values():
+        tensors += quant_tensors(m.base)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    head = model.lm_head_bf16 if model.lm_head_bf16 is not None else model.lm_head.weight
+    return sum(storages.values()) + head.numel() * head.element_size()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 engine.step()
+        nbytes = step_bytes(engine)
+    gbs = read_gb_s()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(f"batch {args.batch}, adapters {args.adapters}: {wall * 1e3:.1f} ms per decode step "
           f"(unprofiled), {torch.get_num_threads()} threads")
+    floor = nbytes / (gbs * 1e9)
+    print(f"byte floor: {nbytes / 1e6:.1f} MB of weights at {gbs:.1f} GB/s streaming read = "
+          f"{floor * 1e3:.1f} ms; this step is {wall / floor:.1f}x the floor")
     return 0
 
 
