@@ -2,25 +2,27 @@
 the NF4 matmul of the decoder linears, the bf16-weight matmul of the LM head, and paged
 decode attention that reads K/V in place.
 
-Why a small C library and not the alternatives (measured on this 2-core AVX-512 CPU, see
-bench/nf4.py and the closing notes of the decode-step work):
+Why a small C library and not the alternatives:
 - bitsandbytes' fast CPU GEMM is downloaded from a model hub at run time, which cannot be
-  reached here; its built-in fallback (`gemv_4bit` in bf16) runs at ~1.6 GB/s of codes.
-- `torch.compile` of dequantize + matmul: Inductor does not fuse a 16-entry table lookup
-  into its matmul, so it writes the dequantized weight (8x the bytes of the codes) and
-  reads it back.
-- torch's own int4 weight-only kernels take a uniform grid with zero points, not NF4's
-  non-uniform code book; converting would change the weights the adapters were trained on.
-- A torch C++ extension would work too, but it compiles against torch's headers for a
-  minute; this file is plain C with AVX-512 intrinsics that gcc builds in about a second,
-  and it shares torch's OpenMP runtime (the same libgomp.so.1, already loaded by torch).
+  reached here; its built-in fallback (`gemv_4bit` in bf16) measured ~1.6 GB/s of codes.
+- torch's own int4 weight-only CPU kernels take a uniform grid with per-group scales and
+  zero points, not NF4's non-uniform code book; converting would change the weights the
+  adapters were trained on.
+- `torch.compile` of dequantize + matmul was not chosen: it brings the compiled-step
+  machinery in for one op, and whether Inductor fuses the 16-entry lookup into its matmul
+  (rather than writing the dense weight, 8x the bytes of the codes) is not something this
+  library controls. The compiled decode step, when it comes, calls this kernel as an op.
+- A torch C++ extension would work too, but it compiles against torch's headers, which
+  takes far longer than this plain C file with AVX-512 intrinsics (about a second with gcc).
+  Loaded after torch, it shares torch's OpenMP runtime (the same libgomp.so.1).
 
 The library is built into the model cache (`cache_dir()/kernels/`) under a name that hashes
 the source, the flags and the compiler, written to a temporary path and renamed, so a
 rebuild is never half-written and an edit never loads a stale build. `make` builds it at
 set-up (`python -m server.model.cpu_kernel`); the first model load builds it if it is missing.
-Where the CPU lacks AVX-512 or no compiler is found, `load()` says why and returns None, and
-NF4 linears use the exact dequantize + float32 matmul path instead (slower, same maths).
+Where the CPU lacks AVX-512 or no compiler is found, `load()` raises KernelUnavailable saying
+why; the loader logs it, and NF4 linears use the exact dequantize + float32 matmul path, the
+LM head stays float32 and attention takes the torch path (slower, same maths).
 """
 from __future__ import annotations
 

@@ -195,3 +195,25 @@ def test_qkv_and_gate_up_run_fused_over_the_projections_codes(nf4_pair):
         fused = attn.qkv(x)  # (3, q + k + v)
         assert torch.equal(fused, torch.cat([p.base(x) for p in parts], dim=1))
         assert torch.equal(mlp.gate_up(x), torch.cat([mlp.gate_proj.base(x), mlp.up_proj.base(x)], dim=1))
+
+
+def test_a_cpu_without_avx512_falls_back_to_the_exact_path_with_a_clear_message(monkeypatch, caplog):
+    """No AVX-512 (simulated): the kernels are not built, the message says what is missing,
+    and the NF4 linear still computes, on bitsandbytes' dequantize + float32 matmul."""
+    from server.model import cpu_kernel
+    monkeypatch.setattr(cpu_kernel, "_loaded", None)
+    monkeypatch.setattr(cpu_kernel, "cpu_supports", lambda: (False, "this CPU lacks avx512f, avx512bw"))
+    torch.manual_seed(2)
+    w = torch.randn(64, 128)
+    lin = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
+    with caplog.at_level("WARNING"):
+        why = set_nf4_kernel(lin, True)
+    assert lin.kernel is None
+    assert "need AVX-512" in why and "avx512f" in why and "slower" in why
+    assert "avx512f" in caplog.text
+    with pytest.raises(cpu_kernel.KernelUnavailable, match="AVX-512"):
+        cpu_kernel.load()
+    import bitsandbytes.functional as F
+    x = torch.randn(2, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), x @ F.dequantize_4bit(nf4_codes(lin)[0], lin.quant_state).T)
