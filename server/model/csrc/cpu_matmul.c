@@ -131,6 +131,19 @@ static void widen_bf16_rows(const uint16_t *w, int64_t K, int rows, float *buf) 
     }
 }
 
+/* tile_rows specialised twice: the full groups with nr a constant (accumulators stay in
+ * registers), the last, partial group with nr a variable. Not inlined, so that the compiler
+ * cannot merge the two back into one variable-nr loop. */
+static __attribute__((noinline)) void tile_full(const float *buf, int64_t K, const float *x, int64_t T,
+                                                int64_t xs, float *y, int64_t ys, int64_t n0, const float *bias) {
+    tile_rows(buf, NR, K, x, T, xs, y, ys, n0, bias);
+}
+
+static __attribute__((noinline)) void tile_part(const float *buf, int nr, int64_t K, const float *x, int64_t T,
+                                                int64_t xs, float *y, int64_t ys, int64_t n0, const float *bias) {
+    tile_rows(buf, nr, K, x, T, xs, y, ys, n0, bias);
+}
+
 enum weights { NF4, BF16 };
 
 /* The shared driver: row groups of W split across threads, each expanded into its float32
@@ -156,9 +169,9 @@ static int run_groups(enum weights kind, const void *w, const float *absmax, con
                 else
                     widen_bf16_rows((const uint16_t *)w + n0 * K, K, nr, buf);
                 if (nr == NR)
-                    tile_rows(buf, NR, K, x, T, xs, y, ys, n0, bias);
+                    tile_full(buf, K, x, T, xs, y, ys, n0, bias);
                 else
-                    tile_rows(buf, nr, K, x, T, xs, y, ys, n0, bias);
+                    tile_part(buf, nr, K, x, T, xs, y, ys, n0, bias);
             }
             free(buf);
         }
