@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m server.model.cpu_kernel
+	$(BIN)/python -m server.cpu_kernel
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -140,6 +140,10 @@ class LoraPlan:
     183 -> 63 ms of LoRA per step)."""
     blocks: list[PaddedBlock]
     groups: list[tuple[int, int, slice | torch.Tensor]]   # (slot, rank, rows) of the big groups
+    # the rows of the small groups as the CPU kernel takes them: slot and rank of each row,
+    # -1 / 0 for rows of big groups or without an adapter (T,) int64 each
+    row_slots: torch.Tensor | None = None
+    row_ranks: torch.Tensor | None = None
 
     @staticmethod
     def build(starts: list[int], ends: list[int], slots: list[int], ranks: list[int],
@@ -168,7 +172,13 @@ class LoraPlan:
                 else:
                     runs.append([slot])
             blocks.extend(_block(run, rank, rows_of, num_rows, device) for run in runs)
-        return LoraPlan(blocks, groups)
+        row_slot, row_rank = [-1] * num_rows, [0] * num_rows
+        for rank, rank_slots in small.items():
+            for slot in rank_slots:
+                for r in rows_of[slot]:
+                    row_slot[r], row_rank[r] = slot, rank
+        both = torch.tensor([row_slot, row_rank], dtype=torch.int64).to(device)  # (2, T)
+        return LoraPlan(blocks, groups, both[0], both[1])
 
 
 def _block(run: list[int], rank: int, rows_of: dict[int, list[int]], num_rows: int,

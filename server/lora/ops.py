@@ -18,11 +18,18 @@ its adapter's A and B in every linear, 20 MB per r=16 adapter on SmolLM2-135M (f
 seven modules), so 32 distinct adapters stream 625 MB per step. The bmm pairs run at about
 9-12 GB/s on one core here; more threads measured slower (OpenMP wake-ups per op).
 
-The backend (torch or Triton) is chosen once at start-up by `select_backend`, never per call.
+On a CPU with the project's kernels (server/cpu_kernel.py) the float32 backend runs the
+small groups (decode rows) in C on every thread, each row reading its own adapter's A and B
+once, and the big groups as the reference does: the decode-time LoRA is no longer held to
+one thread (32 distinct adapters at batch 32: see the decode-step work's closing note).
+
+The backend (torch, CPU kernel or Triton) is chosen once at start-up by `select_backend`,
+never per call; the torch reference is the oracle in tests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -107,6 +114,33 @@ def _apply_plan(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, l
     return y
 
 
+def apply_cpu_kernel(kernel, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, lora: LoraBatch,
+                     y: torch.Tensor) -> torch.Tensor:
+    """expand(shrink(x)) with the small groups (decode rows) on the CPU kernel, each row reading
+    its own adapter's A and B on all threads, and the big groups (prefill) as in `apply`."""
+    bt = b_stack.transpose(1, 2)  # (S, r_max, d_out), contiguous in the slots' layout
+    fits = (x.shape[1] % 16 == 0 and y.shape[1] % 16 == 0 and a_stack.is_contiguous() and bt.is_contiguous()
+            and x.stride(1) == 1 and y.stride(1) == 1 and x.dtype == y.dtype == a_stack.dtype == torch.float32)
+    if not fits:
+        return apply(x, a_stack, b_stack, lora, y)
+    plan = lora.plan()
+    if plan.blocks:
+        kernel.lora_rows(x, a_stack, bt, plan.row_slots, plan.row_ranks, y)  # (T, d_out) in place
+    if plan.groups:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for slot, rank, rows in plan.groups:
+                delta = (x[rows] @ a_stack[slot, :rank].T) @ b_stack[slot, :, :rank].T  # (n, d_out)
+                if isinstance(rows, slice):
+                    y[rows] += delta
+                else:
+                    y.index_add_(0, rows, delta)
+        finally:
+            torch.set_num_threads(threads)
+    return y
+
+
 def _unfused(shrink_fn, expand_fn):
     def apply_fn(x, a_stack, b_stack, lora, y):
         return expand_fn(shrink_fn(x, a_stack, lora), b_stack, lora, y)
@@ -116,8 +150,9 @@ def _unfused(shrink_fn, expand_fn):
 TORCH_OPS = LoraOps("torch", shrink, expand, apply)
 
 
-def select_backend(device: torch.device | str) -> LoraOps:
-    """Triton kernels on CUDA (when triton imports), the torch reference elsewhere; once at start-up."""
+def select_backend(device: torch.device | str, dtype: torch.dtype = torch.float32) -> LoraOps:
+    """Triton kernels on CUDA (when triton imports); on a CPU, the C kernel for decode rows
+    (float32, where it builds: server/cpu_kernel.py) or the torch reference; once at start-up."""
     if torch.device(device).type == "cuda":
         try:
             from server.lora import triton_ops
@@ -125,4 +160,11 @@ def select_backend(device: torch.device | str) -> LoraOps:
             return TORCH_OPS
         return LoraOps("triton", triton_ops.shrink, triton_ops.expand,
                        _unfused(triton_ops.shrink, triton_ops.expand))
+    if dtype == torch.float32:
+        from server.cpu_kernel import KernelUnavailable, load
+        try:
+            kernel = load()
+        except KernelUnavailable:
+            return TORCH_OPS
+        return LoraOps("cpu-kernel", shrink, expand, partial(apply_cpu_kernel, kernel))
     return TORCH_OPS

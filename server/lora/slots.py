@@ -58,7 +58,7 @@ def allocate_slots(layers: dict, num_slots: int, r_max: int, device: torch.devic
                    dtype: torch.dtype) -> LoraOps:
     """Give every LoRA linear of a model its LayerSlots, all on one LoRA backend chosen here,
     once (server/lora/ops.py select_backend); -> that backend."""
-    ops = select_backend(device)
+    ops = select_backend(device, dtype)
     for layer in layers.values():
         layer.slots = LayerSlots(num_slots, r_max, layer.in_features, layer.out_features, device, dtype, ops)
     return ops

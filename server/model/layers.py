@@ -119,7 +119,7 @@ class Attention(nn.Module):
         self.qkv: nn.Module | None = None  # fused q/k/v base (the loader's), or None
         self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, n_kv, hd)
         self.v_cache: torch.Tensor | None = None
-        # server.model.cpu_kernel.CpuKernel: decode reads K/V in place (float32 CPU caches);
+        # server.cpu_kernel.CpuKernel: decode reads K/V in place (float32 CPU caches);
         # None: the torch path below (gather + SDPA), the oracle
         self.kernel = None
 

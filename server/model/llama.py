@@ -153,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         self.num_blocks = 0
         # LM head in bfloat16 on the CPU kernel (set_lm_head_bf16), else lm_head in `dtype`
         self.lm_head_bf16: torch.Tensor | None = None  # (vocab, hidden) bfloat16
-        self.cpu_kernel = None  # server.model.cpu_kernel.CpuKernel, with lm_head_bf16
+        self.cpu_kernel = None  # server.cpu_kernel.CpuKernel, with lm_head_bf16
 
     def set_attention_kernel(self, kernel) -> None:
         """Decode attention on `kernel` (a CpuKernel; float32 caches on the CPU) or, with None,

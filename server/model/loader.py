@@ -69,7 +69,7 @@ def _choose_lm_head(model: LlamaForCausalLM, config: EngineConfig, device: torch
             raise ModelLoadError("lm_head_dtype bfloat16 needs a float32 model on the CPU; "
                                  f"this one is {str(dtype).replace('torch.', '')} on {device.type}")
         return
-    from server.model.cpu_kernel import KernelUnavailable, load
+    from server.cpu_kernel import KernelUnavailable, load
     try:
         kernel = load()
     except KernelUnavailable as e:
@@ -91,7 +91,7 @@ def _choose_attention(model: LlamaForCausalLM, device: torch.device, dtype: torc
     arch = model.arch
     if device.type != "cpu" or dtype != torch.float32 or arch.head_dim % 16 or arch.num_heads // arch.num_kv_heads > 64:
         return
-    from server.model.cpu_kernel import KernelUnavailable, load
+    from server.cpu_kernel import KernelUnavailable, load
     try:
         model.set_attention_kernel(load())
     except KernelUnavailable as e:

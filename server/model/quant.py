@@ -7,7 +7,7 @@ codes are made by bitsandbytes' own `quantize_4bit`, so an adapter trained with 
 this base sees the same weights here.
 
 The matmul, chosen once when the model loads:
-- CPU: `NF4Linear` with the project's AVX-512 kernel (server/model/cpu_kernel.py), which reads
+- CPU: `NF4Linear` with the project's AVX-512 kernel (server/cpu_kernel.py), which reads
   the canonical codes in place and computes in float32: it equals bitsandbytes'
   dequantize_4bit + a float32 matmul to float rounding. Where the kernel cannot run (no
   AVX-512, no compiler) or `set_nf4_kernel(model, False)` asks for it (the tests' oracle),
@@ -45,7 +45,7 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.quant_state = quant_state
         self.code_book = quant_state.code.to(torch.float32).contiguous()  # (16,)
-        self.kernel = None  # server.model.cpu_kernel.CpuKernel, set by set_nf4_kernel
+        self.kernel = None  # server.cpu_kernel.CpuKernel, set by set_nf4_kernel
 
     def dequantize(self) -> torch.Tensor:
         """The dense (out, in) float32 weight, by bitsandbytes' own dequantize_4bit."""
@@ -134,7 +134,7 @@ def set_nf4_kernel(model: nn.Module, enabled: bool) -> str:
     kernel = None
     why = "exact dequantize + float32 matmul (asked for)"
     if enabled and linears:
-        from server.model.cpu_kernel import KernelUnavailable, load
+        from server.cpu_kernel import KernelUnavailable, load
         try:
             kernel = load()
             why = f"AVX-512 kernel {kernel.path.name}"

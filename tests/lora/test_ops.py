@@ -54,8 +54,31 @@ def test_rank_slicing_equals_padding_when_slots_are_zero_padded():
 
 
 def test_select_backend():
-    assert ops.select_backend("cpu").name == "torch"
+    assert ops.select_backend("cpu").name == "cpu-kernel"   # float32 on an AVX-512 CPU with the kernels
+    assert ops.select_backend("cpu", torch.bfloat16).name == "torch"
     assert ops.select_backend("cuda").name == "triton"
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("seq_lens", [[1] * 9, [1] * 33, [5, 1, 7, 3, 1, 2]], ids=["decode", "decode33", "prefill"])
+def test_cpu_kernel_backend_matches_fp64_loop(pattern, seq_lens):
+    """The CPU kernel backend (decode rows in C on every thread, big groups as the reference
+    does) against the fp64 loop, in the slots' own layout (B stored r-major)."""
+    d_in, d_out = 48, 32   # the kernel takes multiples of 16
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(S, R_MAX, d_in, generator=g)                                 # (S, r_max, d_in)
+    b = torch.randn(S, R_MAX, d_out, generator=g).transpose(1, 2)                # (S, d_out, r_max) view
+    lora = make_batch(pattern, seq_lens, S, SLOT_RANKS, seed=len(seq_lens))
+    T = lora.token_slots.shape[0]
+    x = torch.randn(T, d_in, generator=g)
+    y0 = torch.randn(T, d_out, generator=g)
+    backend = ops.select_backend("cpu")
+    assert backend.name == "cpu-kernel"
+    got = backend.apply(x, a, b, lora, y0.clone())
+    torch.testing.assert_close(got.double(), loop_reference(x, a, b, lora, y0), atol=1e-4, rtol=1e-4)
+    # shapes the kernel cannot take go to the reference, with the same result
+    torch.testing.assert_close(backend.apply(x[:, :40], a[:, :, :40].contiguous(), b, lora, y0.clone()).double(),
+                               loop_reference(x[:, :40], a[:, :, :40], b, lora, y0), atol=1e-4, rtol=1e-4)
 
 
 def test_apply_runs_single_threaded_and_restores_the_thread_count(monkeypatch):

@@ -134,7 +134,7 @@ def test_paged_decode_kernel_matches_float64_loop(heads, kv_heads, head_dim, blo
     """The CPU kernel's in-place decode attention against a float64 loop over each sequence's
     blocks (shuffled, so not contiguous), for lengths from 1 to past several blocks, GQA groups
     of 1 to 8 and the padding of block tables (-1) never read: float32 rounding only."""
-    from server.model.cpu_kernel import load
+    from server.cpu_kernel import load
     kernel = load()
     g = torch.Generator().manual_seed(heads + kv_heads + head_dim)
     lens = [1, block_size + 1, 5 * block_size, 3, 2 * block_size - 1]

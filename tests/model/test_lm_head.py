@@ -18,7 +18,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import Request, SamplingParams
-from server.model.cpu_kernel import load as load_kernel
+from server.cpu_kernel import load as load_kernel
 from server.model.loader import load_model
 
 BF16_REL = 2.0 ** -9

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 
 from server.config import EngineConfig
 from server.model.loader import load_model
-from server.model.cpu_kernel import load as load_kernel
+from server.cpu_kernel import load as load_kernel
 from server.model.quant import NF4Linear, is_nf4, make_linear, nf4_codes, set_nf4_kernel
 from tests.model.reference import bnb_exact, random_prompts, randomize_, reference_last_logits, run_schedule
 
@@ -200,7 +200,7 @@ def test_qkv_and_gate_up_run_fused_over_the_projections_codes(nf4_pair):
 def test_a_cpu_without_avx512_falls_back_to_the_exact_path_with_a_clear_message(monkeypatch, caplog):
     """No AVX-512 (simulated): the kernels are not built, the message says what is missing,
     and the NF4 linear still computes, on bitsandbytes' dequantize + float32 matmul."""
-    from server.model import cpu_kernel
+    from server import cpu_kernel
     monkeypatch.setattr(cpu_kernel, "_loaded", None)
     monkeypatch.setattr(cpu_kernel, "cpu_supports", lambda: (False, "this CPU lacks avx512f, avx512bw"))
     torch.manual_seed(2)

@@ -309,3 +309,40 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
     }
     return failed ? -1 : 0;
 }
+
+/* ---- LoRA rows ------------------------------------------------------------------------ */
+
+/* For each row t with s = slots[t] >= 0 and r = ranks[t]:
+ *   h = A[s, :r] x[t]            a: (S, r_max, K) contiguous
+ *   y[t] += h @ Bt[s, :r]        bt: (S, r_max, N) contiguous (row k = column k of B' = scale B)
+ * x (T, K) row stride xs, y (T, N) row stride ys, in place; float32 products and sums. Rows
+ * are split across threads (each row writes only its own y row). K and N must be multiples of
+ * 16 and r_max at most 1024; returns -1 otherwise. */
+int lora_rows_f32(const float *x, int64_t T, int64_t K, int64_t xs, const float *a, int64_t r_max,
+                  const float *bt, int64_t N, const int64_t *slots, const int64_t *ranks, float *y,
+                  int64_t ys, int threads) {
+    if (K % 16 != 0 || N % 16 != 0 || K <= 0 || N <= 0 || r_max <= 0 || r_max > 1024 || T < 0) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t], r = ranks[t];
+        if (s < 0 || r <= 0) continue;
+        float h[1024];
+        const float *xt = x + t * xs;
+        for (int64_t k = 0; k < r; k++) {
+            const float *ak = a + (s * r_max + k) * K;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < K; i += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(ak + i), _mm512_loadu_ps(xt + i), acc);
+            h[k] = _mm512_reduce_add_ps(acc);
+        }
+        float *yt = y + t * ys;
+        const float *bs = bt + s * r_max * N;
+        for (int64_t n = 0; n < N; n += 16) {
+            __m512 acc = _mm512_loadu_ps(yt + n);
+            for (int64_t k = 0; k < r; k++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(h[k]), _mm512_loadu_ps(bs + k * N + n), acc);
+            _mm512_storeu_ps(yt + n, acc);
+        }
+    }
+    return 0;
+}

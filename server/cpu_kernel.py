@@ -1,6 +1,6 @@
 """The project's CPU kernels (csrc/cpu_matmul.c), built once per machine, loaded with ctypes:
-the NF4 matmul of the decoder linears, the bf16-weight matmul of the LM head, and paged
-decode attention that reads K/V in place.
+the NF4 matmul of the decoder linears, the bf16-weight matmul of the LM head, paged decode
+attention that reads K/V in place, and the LoRA rows of a decode step.
 
 Why a small C library and not the alternatives:
 - bitsandbytes' fast CPU GEMM is downloaded from a model hub at run time, which cannot be
@@ -19,7 +19,7 @@ Why a small C library and not the alternatives:
 The library is built into the model cache (`cache_dir()/kernels/`) under a name that hashes
 the source, the flags and the compiler, written to a temporary path and renamed, so a
 rebuild is never half-written and an edit never loads a stale build. `make` builds it at
-set-up (`python -m server.model.cpu_kernel`); the first model load builds it if it is missing.
+set-up (`python -m server.cpu_kernel`); the first model load builds it if it is missing.
 Where the CPU lacks AVX-512 or no compiler is found, `load()` raises KernelUnavailable saying
 why; the loader logs it, and NF4 linears use the exact dequantize + float32 matmul path, the
 LM head stays float32 and attention takes the torch path (slower, same maths).
@@ -103,6 +103,22 @@ class CpuKernel:
         if rc != 0:
             raise RuntimeError(f"paged_decode_attention_f32 failed on q {tuple(q.shape)}")
         return out
+
+    def lora_rows(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
+                  ranks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y[t] += (A[s, :r] @ x[t]) @ Bt[s, :r] for each row t with s = slots[t] >= 0 and
+        r = ranks[t], in place: x (T, K), a (S, r_max, K) and bt (S, r_max, N) contiguous
+        float32, slots / ranks (T,) int64, y (T, N) float32 with unit column stride. -> y"""
+        t, k = x.shape
+        _, r_max, n = bt.shape
+        assert a.is_contiguous() and bt.is_contiguous() and x.stride(1) == 1 and y.stride(1) == 1
+        assert a.shape == (bt.shape[0], r_max, k) and y.shape == (t, n)
+        rc = self.lib.lora_rows_f32(x.data_ptr(), t, k, x.stride(0), a.data_ptr(), r_max, bt.data_ptr(), n,
+                                    slots.data_ptr(), ranks.data_ptr(), y.data_ptr(), y.stride(0),
+                                    torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"lora_rows_f32 failed on x {tuple(x.shape)} -> {n}")
+        return y
 
     def nf4_dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor,
                    out_features: int, in_features: int) -> torch.Tensor:
@@ -190,6 +206,8 @@ def load() -> CpuKernel:
             lib.paged_decode_attention_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
                                                        ctypes.c_float, p, ctypes.c_int]
             lib.paged_decode_attention_f32.restype = ctypes.c_int
+            lib.lora_rows_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, p, i64, ctypes.c_int]
+            lib.lora_rows_f32.restype = ctypes.c_int
             _loaded = CpuKernel(lib, path)
     if isinstance(_loaded, KernelUnavailable):
         raise _loaded
@@ -197,7 +215,7 @@ def load() -> CpuKernel:
 
 
 def main() -> int:
-    """`python -m server.model.cpu_kernel`: build the kernels now (the Makefile's set-up step)."""
+    """`python -m server.cpu_kernel`: build the kernels now (the Makefile's set-up step)."""
     try:
         print(f"CPU kernels: {load().path}")
     except KernelUnavailable as e:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from server.model import cpu_kernel
+from server import cpu_kernel
 
 
 def test_build_writes_the_library_once_into_the_cache(tmp_path, monkeypatch):
