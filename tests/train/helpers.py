@@ -1,8 +1,10 @@
 """Helpers for tests/train: last-token logits of an adapter served by PEFT and by the server.
 
-Tolerance: both sides run bitsandbytes' NF4 kernels on identical codes and add the LoRA
-term in float32; they differ in summation order only (~1e-5 on tiny and default-model
-logits). 1e-3 still catches a wrong scale (alpha/r), a transposed or missing module.
+Tolerance: both sides compute the NF4 base in float32 on identical codes (PEFT's model on
+bitsandbytes' exact dequantize + matmul, its bf16 CPU kernel switched off; ours on the
+AVX-512 kernel, with the float32 LM head) and add the LoRA term in float32; they differ in
+summation order only (~1e-5 on tiny and default-model logits). 1e-3 still catches a wrong
+scale (alpha/r), a transposed or missing module.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ def peft_logits(folder, adapter, prompts: list[list[int]]) -> tuple[torch.Tensor
     """Last-token logits (N, vocab) of PEFT's model with the adapter, and with it disabled."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.model.reference import bnb_exact
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
                            bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=q, dtype=torch.float32,
                                                 device_map="cpu")
+    bnb_exact(base)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     with torch.no_grad():
         lora = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])  # (N, V)
@@ -39,7 +44,8 @@ def server_logits(folder, adapter, prompts: list[list[int]]) -> tuple[torch.Tens
     from server.model.loader import load_model
     from tests.model.paged import PagedSequences
 
-    model = load_model(EngineConfig(model=str(folder), quantization="nf4"), "cpu", torch.float32)
+    model = load_model(EngineConfig(model=str(folder), quantization="nf4", lm_head_dtype="float32"), "cpu",
+                       torch.float32)
     model.allocate_kv_cache(num_blocks=32, block_size=8)
     layers = model.lora_linears()
     lora = read_adapter(Path(adapter).name, str(adapter), LoraArch.from_layers(layers), max_lora_rank=16)
