@@ -26,6 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, name: str) -> None:
+    """Poll GET url until it answers 200; ServerStartError if proc exits or time runs out
+    (the caller stops the process and adds its log)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerStartError(f"{name} exited with code {proc.returncode} before ready")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise ServerStartError(f"{name} not ready after {timeout_s} s")
+
+
 class LocalServer:
     def __init__(self, adapters_dir: str, log_path: str, extra_args: list[str] | None = None,
                  ready_timeout_s: float = 900.0, python: str = sys.executable) -> None:
@@ -58,19 +74,11 @@ class LocalServer:
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerStartError(f"server exited with code {self.proc.returncode} before ready:\n"
-                                       f"{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/ready", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass  # not listening yet
-            time.sleep(0.5)
-        self.stop()
-        raise ServerStartError(f"server not ready after {self.ready_timeout_s} s:\n{self.log_tail()}")
+        try:
+            wait_ready(self.proc, self.base_url + "/ready", self.ready_timeout_s, "server")
+        except ServerStartError as e:
+            self.stop()
+            raise ServerStartError(f"{e}:\n{self.log_tail()}") from None
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

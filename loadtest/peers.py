@@ -23,9 +23,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-import httpx
 
-from loadtest.localserver import ServerStartError, free_port
+from loadtest.localserver import ServerStartError, free_port, wait_ready
 from loadtest.modelmap import ModelMap, load_model_map, parse_model_map
 from loadtest.record import save_run, write_atomic
 from loadtest.runner import Runner
@@ -92,18 +91,11 @@ class Running:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env=dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE")))
         self.log_path = log_path
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerStartError(f"{peer.name} exited with code {self.proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(self.base_url + peer.ready_path, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise ServerStartError(f"{peer.name} not ready after {ready_timeout_s} s; see {log_path}")
+        try:
+            wait_ready(self.proc, self.base_url + peer.ready_path, ready_timeout_s, peer.name)
+        except ServerStartError as e:
+            self.stop()
+            raise ServerStartError(f"{e}; see {log_path}") from None
 
     @property
     def base_url(self) -> str:

@@ -45,10 +45,11 @@ def load_model(config: EngineConfig, device: torch.device | str, dtype: torch.dt
         _load_linears(model, ckpt, config.quantization, device, dtype)
         _load_dense(model, ckpt, device, dtype)
     model.eval()
-    if config.quantization == "nf4" and device.type == "cpu":
+    kernel = _cpu_kernel(device)
+    if config.quantization == "nf4" and kernel is not None:
         log.info("NF4 matmul on CPU: %s", set_nf4_kernel(model, True))
-    _choose_lm_head(model, config, device, dtype)
-    _choose_attention(model, device, dtype)
+    _choose_lm_head(model, config, kernel, dtype)
+    _choose_attention(model, kernel, dtype)
     allocate_slots(model.lora_linears(), config.max_loras, config.max_lora_rank, device, dtype)
     log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s: %.1f MiB of weights", folder, arch.architecture,
              arch.num_layers, config.quantization, str(dtype).replace("torch.", ""),
@@ -56,46 +57,42 @@ def load_model(config: EngineConfig, device: torch.device | str, dtype: torch.dt
     return model
 
 
-def _choose_lm_head(model: LlamaForCausalLM, config: EngineConfig, device: torch.device,
-                    dtype: torch.dtype) -> None:
+def _cpu_kernel(device: torch.device):
+    """The CPU kernels (server/cpu_kernel.py) on a CPU where they build, else None, said once:
+    then NF4 takes bitsandbytes' exact dequantize + matmul, the LM head stays float32 and
+    attention takes the torch path (the same maths, slower)."""
+    if device.type != "cpu":
+        return None
+    from server.cpu_kernel import KernelUnavailable, load
+    try:
+        return load()
+    except KernelUnavailable as e:
+        log.warning("CPU kernels unavailable, exact torch paths instead (slower): %s", e)
+        return None
+
+
+def _choose_lm_head(model: LlamaForCausalLM, config: EngineConfig, kernel, dtype: torch.dtype) -> None:
     """bf16 LM head weights through the CPU kernel where config.lm_head_dtype asks for it
     (auto: an NF4 float32 model on a CPU with the kernels; a dense model keeps the exact
     head its user chose); otherwise lm_head in `dtype`."""
     wanted = config.lm_head_dtype
-    if wanted == "auto" and config.quantization != "nf4":
-        return
-    if wanted == "float32" or device.type != "cpu" or dtype != torch.float32:
-        if wanted == "bfloat16" and (device.type != "cpu" or dtype != torch.float32):
-            raise ModelLoadError("lm_head_dtype bfloat16 needs a float32 model on the CPU; "
-                                 f"this one is {str(dtype).replace('torch.', '')} on {device.type}")
-        return
-    from server.cpu_kernel import KernelUnavailable, load
-    try:
-        kernel = load()
-    except KernelUnavailable as e:
-        if wanted == "bfloat16":
-            raise ModelLoadError(f"lm_head_dtype bfloat16: {e}") from e
-        log.warning("LM head stays float32: %s", e)
-        return
-    if model.arch.hidden_size % 16:
-        if wanted == "bfloat16":
-            raise ModelLoadError(f"lm_head_dtype bfloat16 needs hidden_size % 16 == 0, got {model.arch.hidden_size}")
-        return
-    model.set_lm_head_bf16(kernel)
-    log.info("LM head: bfloat16 weights, float32 activations and sums (CPU kernel)")
+    fits = kernel is not None and dtype == torch.float32 and model.arch.hidden_size % 16 == 0
+    if wanted == "bfloat16" and not fits:
+        raise ModelLoadError("lm_head_dtype bfloat16 needs a float32 model on a CPU with the CPU kernels "
+                             f"and hidden_size % 16 == 0; this one is {str(dtype).replace('torch.', '')}, "
+                             f"hidden_size {model.arch.hidden_size}, kernels {'loaded' if kernel else 'unavailable'}")
+    if wanted == "bfloat16" or (wanted == "auto" and config.quantization == "nf4" and fits):
+        model.set_lm_head_bf16(kernel)
+        log.info("LM head: bfloat16 weights, float32 activations and sums (CPU kernel)")
 
 
-def _choose_attention(model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype) -> None:
+def _choose_attention(model: LlamaForCausalLM, kernel, dtype: torch.dtype) -> None:
     """Paged decode attention in place on the CPU kernel (float32, same maths as the torch
     path) where it can run; the torch path otherwise."""
     arch = model.arch
-    if device.type != "cpu" or dtype != torch.float32 or arch.head_dim % 16 or arch.num_heads // arch.num_kv_heads > 64:
-        return
-    from server.cpu_kernel import KernelUnavailable, load
-    try:
-        model.set_attention_kernel(load())
-    except KernelUnavailable as e:
-        log.warning("decode attention on the torch path: %s", e)
+    if kernel is not None and dtype == torch.float32 and arch.head_dim % 16 == 0 \
+            and arch.num_heads // arch.num_kv_heads <= 64:
+        model.set_attention_kernel(kernel)
 
 
 def resolve_model_dir(model: str) -> Path:
