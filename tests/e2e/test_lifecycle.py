@@ -80,6 +80,11 @@ def test_disconnecting_20_streams_frees_the_engine(live_server):
     assert r.status_code == 200
 
 
+# Enough tokens that the drain outlasts the probes below: at ~40 ms a step, 96 tokens
+# keep the streams running for seconds after SIGTERM (12 once finished within 0.5 s).
+TOKENS = 96
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     server = start_server(tmp_path, ["--drain-timeout", "60"], quantization="nf4")
@@ -88,7 +93,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         results: list[dict | None] = [None] * 8
 
         def run(i: int) -> None:
-            results[i] = _open_stream(server.url, "acme-support" if i % 2 else "base", 12, firsts[i])
+            results[i] = _open_stream(server.url, "acme-support" if i % 2 else "base", TOKENS, firsts[i])
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
         for t in threads:
@@ -96,16 +101,18 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         for e in firsts:
             assert e.wait(120), "a stream produced no token"
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/ready").status_code != 503:   # the drain has begun
+            assert time.monotonic() < deadline, "SIGTERM did not start a drain"
+            time.sleep(0.05)
         r = httpx.post(server.url + "/v1/completions", headers=ADMIN, timeout=30,
                        json={"model": "base", "prompt": "late", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
-        assert httpx.get(server.url + "/ready").status_code == 503
         for t in threads:
             t.join(120)
         for res in results:
             assert res is not None and res["done"] and res["finish"] == "length"
-            assert res["usage"]["completion_tokens"] == 12
+            assert res["usage"]["completion_tokens"] == TOKENS
         assert server.proc.wait(timeout=60) == 0
     finally:
         server.stop()
