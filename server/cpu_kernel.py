@@ -125,7 +125,7 @@ class CpuKernel:
         """The dense (N, K) float32 weight, as this kernel reads the codes."""
         w = torch.empty(out_features, in_features, dtype=torch.float32)
         rc = self.lib.nf4_dequant_f32(codes.data_ptr(), absmax.data_ptr(), code_book.data_ptr(),
-                                      out_features, in_features, w.data_ptr())
+                                      out_features, in_features, w.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"nf4_dequant_f32 failed on ({out_features}, {in_features})")
         return w
@@ -199,7 +199,7 @@ def load() -> CpuKernel:
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.nf4_matmul_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p, i64, ctypes.c_int]
             lib.nf4_matmul_f32.restype = ctypes.c_int
-            lib.nf4_dequant_f32.argtypes = [p, p, p, i64, i64, p]
+            lib.nf4_dequant_f32.argtypes = [p, p, p, i64, i64, p, ctypes.c_int]
             lib.nf4_dequant_f32.restype = ctypes.c_int
             lib.bf16_matmul_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, ctypes.c_int]
             lib.bf16_matmul_f32.restype = ctypes.c_int

@@ -203,17 +203,27 @@ int bf16_matmul_f32(const float *x, int64_t T, int64_t K, int64_t xs, const uint
     return run_groups(BF16, w, NULL, NULL, x, T, K, xs, N, NULL, y, ys, threads);
 }
 
-/* dequant(codes, absmax) as a dense (N, K) float32 matrix: the layout check the tests use. */
+/* dequant(codes, absmax) as a dense (N, K) float32 matrix: the weight of the prefill path
+ * (server/model/quant.py, DENSE_ROWS) and the layout check the tests use. Rows are split
+ * across `threads` threads, 16 at a time, each expanded and put back in natural order. */
 int nf4_dequant_f32(const uint8_t *codes, const float *absmax, const float *code_book, int64_t N,
-                    int64_t K, float *out) {
+                    int64_t K, float *out, int threads) {
     if (K % 64 != 0 || K <= 0 || N <= 0) return -1;
     const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    dequant_rows(codes, absmax, _mm512_loadu_ps(code_book), K, (int)N, out);
-    for (int64_t i = 0; i < N * K; i += 32) {  /* split order -> natural order, in place */
-        __m512 even = _mm512_loadu_ps(out + i), odd = _mm512_loadu_ps(out + i + 16);
-        _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(even, lo_idx, odd));
-        _mm512_storeu_ps(out + i + 16, _mm512_permutex2var_ps(even, hi_idx, odd));
+    const __m512 lut = _mm512_loadu_ps(code_book);
+    const int64_t chunks = (N + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t n0 = c * 16;
+        const int rows = (int)(N - n0 < 16 ? N - n0 : 16);
+        float *dst = out + n0 * K;
+        dequant_rows(codes + n0 * K / 2, absmax + n0 * K / 64, lut, K, rows, dst);
+        for (int64_t i = 0; i < (int64_t)rows * K; i += 32) {  /* split order -> natural order */
+            __m512 even = _mm512_loadu_ps(dst + i), odd = _mm512_loadu_ps(dst + i + 16);
+            _mm512_storeu_ps(dst + i, _mm512_permutex2var_ps(even, lo_idx, odd));
+            _mm512_storeu_ps(dst + i + 16, _mm512_permutex2var_ps(even, hi_idx, odd));
+        }
     }
     return 0;
 }

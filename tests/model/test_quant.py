@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 from server.config import EngineConfig
 from server.model.loader import load_model
 from server.cpu_kernel import load as load_kernel
-from server.model.quant import NF4Linear, is_nf4, make_linear, nf4_codes, set_nf4_kernel
+from server.model.quant import DENSE_ROWS, NF4Linear, is_nf4, make_linear, nf4_codes, set_nf4_kernel
 from tests.model.reference import bnb_exact, random_prompts, randomize_, reference_last_logits, run_schedule
 
 EXACT_TOL = 1e-3
@@ -150,6 +150,41 @@ def test_kernel_equals_bnb_dequantize_and_matmul(out_f, in_f, batch):
     assert y.shape == (batch, out_f)
     if batch:
         assert ((y.double() - expected).abs() / scale).max().item() < 1e-6
+
+
+@pytest.mark.parametrize("rows", [DENSE_ROWS - 1, DENSE_ROWS, 700])
+def test_prefill_rows_take_the_dense_path_and_equal_the_reference(rows):
+    """At DENSE_ROWS rows and more NF4Linear multiplies the kernel's dequantized weight with
+    torch's float32 matmul; on both sides of the switch it equals the float64 reference to
+    float32 rounding."""
+    import bitsandbytes.functional as F
+    torch.manual_seed(rows)
+    w = torch.randn(192, 576) * 0.05
+    b = torch.randn(192)
+    lin = make_linear(w, b, "nf4", torch.device("cpu"), torch.float32)
+    set_nf4_kernel(lin, True)
+    assert lin.kernel is not None
+    deq = F.dequantize_4bit(nf4_codes(lin)[0], lin.quant_state).double()  # (192, 576)
+    x = torch.randn(rows, 576)
+    calls: list[str] = []
+    lin.kernel = _Spy(lin.kernel, calls)
+    with torch.inference_mode():
+        y = lin(x)  # (rows, 192)
+    assert calls == (["nf4_dequantize"] if rows >= DENSE_ROWS else ["nf4_matmul"])
+    expected = x.double() @ deq.T + b.double()
+    scale = x.double().abs() @ deq.abs().T + b.double().abs()
+    assert ((y.double() - expected).abs() / scale).max().item() < 1e-6
+
+
+class _Spy:
+    """A CpuKernel stand-in that records which of its entry points a linear calls."""
+
+    def __init__(self, kernel, calls: list) -> None:
+        self._kernel, self._calls = kernel, calls
+
+    def __getattr__(self, name):
+        self._calls.append(name)
+        return getattr(self._kernel, name)
 
 
 def test_kernel_reads_strided_rows():
