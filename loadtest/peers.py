@@ -2,7 +2,7 @@
 in one run, with the CPU each server used; one table (peers.md) and one figure (peers.png).
 
     python -m loadtest peers --peers-dir ../shared/peers --adapters /tmp/peers/adapters4 --out OUT \
-        [--servers loraplex,vllm,vllm-lora,llamacpp,llamacpp-lora] \
+        [--servers loraplex,vllm,vllm-lora,llamacpp,llamacpp-lora,loraplex-no-prefix-cache] \
         [--scenarios peers-base,peers-adapters,cpu-reference]
 
 The peers are started by the scripts in --peers-dir (serve-vllm-cpu.sh, serve-llamacpp.sh;
@@ -52,6 +52,8 @@ def peers(peers_dir: str, adapters_dir: str, python: str) -> dict[str, Peer]:
     llama = ["bash", os.path.join(peers_dir, "serve-llamacpp.sh"), "{port}"]
     return {
         "loraplex": Peer("loraplex", loraplex, ModelMap(), True, "/ready"),
+        "loraplex-no-prefix-cache": Peer("loraplex-no-prefix-cache", loraplex + ["--no-enable-prefix-caching"],
+                                         ModelMap(), True, "/ready"),
         "vllm": Peer("vllm", vllm, vllm_map, False),
         "vllm-lora": Peer("vllm-lora", vllm + ["--lora", adapters_dir], vllm_map, True),
         "llamacpp": Peer("llamacpp", llama, load_model_map(os.path.join(MAPS, "llamacpp.yaml")), False, "/health"),
@@ -143,6 +145,7 @@ def measure(peer: Peer, scenarios: list[Scenario], out: str, ready_timeout_s: fl
             s = run_summaries(run)[0]
             rows.append({"server": peer.name, "scenario": scenario.name, "ok": s.ok, "requests": s.requests,
                          "output_tok_s": s.output_tok_s, "cpu_cores": cpu / wall, "run": run,
+                         "ttft_p50": s.ttft.p50, "ttft_p99": s.ttft.p99,
                          "json_valid": f"{s.json_valid}/{s.json_requests}" if s.json_requests else ""})
             print(f"peers: {peer.name} {scenario.name}: {s.output_tok_s:.1f} tok/s, {s.ok}/{s.requests} ok, "
                   f"{cpu / wall:.2f} cores", flush=True)
@@ -162,6 +165,14 @@ def table(rows: list[dict], scenarios: list[str], load: str) -> str:
             cells.append("–" if r is None else f"{r['output_tok_s']:.1f} ({r['cpu_cores']:.2f})"
                          + ("" if r["ok"] == r["requests"] else f" {r['ok']}/{r['requests']} ok")
                          + (f" json {r['json_valid']}" if r["json_valid"] else ""))
+        lines.append(f"| {server} | " + " | ".join(cells) + " |")
+    lines += ["", "Time to first token, p50 / p99 (s):", "",
+              "| server | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for server in dict.fromkeys(r["server"] for r in rows):
+        cells = []
+        for s in scenarios:
+            r = next((r for r in rows if r["server"] == server and r["scenario"] == s), None)
+            cells.append("–" if r is None else f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f}")
         lines.append(f"| {server} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", "![peers.png](peers.png)", ""])
 

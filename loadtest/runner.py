@@ -36,7 +36,8 @@ def request_body(plan: PlannedRequest, phase: Phase, model_map: ModelMap) -> dic
     target = model_map.resolve(plan.adapter)
     body: dict[str, Any] = {
         "model": target.model,
-        "messages": [{"role": "user", "content": plan.prompt}],
+        "messages": ([{"role": "system", "content": plan.system}] if plan.system else [])
+        + [{"role": "user", "content": plan.prompt}],
         "max_tokens": plan.max_tokens,
         "temperature": phase.temperature,
         "seed": plan.seed,

@@ -18,7 +18,8 @@ ARRIVAL_MODES = ("closed", "poisson")
 POPULARITIES = ("base", "identical", "uniform", "zipf", "distinct")
 LENGTH_DISTS = ("fixed", "uniform")
 PHASE_KEYS = ("name", "arrivals", "requests", "duration_s", "adapters", "prompt_tokens",
-              "max_tokens", "json_max_tokens", "ignore_eos", "json_fraction", "temperature")
+              "max_tokens", "json_max_tokens", "ignore_eos", "json_fraction", "temperature",
+              "system_prompt_tokens")
 TOP_KEYS = PHASE_KEYS + ("description", "seed", "request_timeout_s", "phases")
 
 
@@ -110,8 +111,12 @@ class Phase:
     ignore_eos: bool                  # sent as a body field on free-text requests
     json_fraction: float              # share of requests carrying a JSON schema
     temperature: float
+    system_prompt_tokens: int = 0     # one system message of about this many tokens, the same for every request
 
     def __post_init__(self) -> None:
+        if not isinstance(self.system_prompt_tokens, int) or self.system_prompt_tokens < 0:
+            raise ScenarioError(f"phase {self.name!r}: system_prompt_tokens must be an integer >= 0, "
+                                f"got {self.system_prompt_tokens!r}")
         if not isinstance(self.requests, int) or self.requests < 1:
             raise ScenarioError(f"phase {self.name!r}: requests must be an integer >= 1, got {self.requests!r}")
         if not isinstance(self.duration_s, (int, float)) or self.duration_s <= 0:
@@ -214,7 +219,8 @@ def _parse_phase(d: dict[str, Any]) -> Phase:
                  max_tokens=_length(d.get("max_tokens", 32), "max_tokens"),
                  json_max_tokens=_length(d.get("json_max_tokens", d.get("max_tokens", 32)), "json_max_tokens"),
                  ignore_eos=_bool(d.get("ignore_eos", False), "ignore_eos"),
-                 json_fraction=float(d.get("json_fraction", 0.0)), temperature=float(d.get("temperature", 0.0)))
+                 json_fraction=float(d.get("json_fraction", 0.0)), temperature=float(d.get("temperature", 0.0)),
+                 system_prompt_tokens=d.get("system_prompt_tokens", 0))
 
 
 def _length(v: Any, key: str) -> Length:

@@ -31,6 +31,7 @@ class PlannedRequest:
     schema: dict[str, Any] | None
     arrival_s: float | None           # poisson: send time after the phase start; closed: None
     seed: int                         # per-request sampling seed sent to the server
+    system: str | None = None         # the phase's shared system message (system_prompt_tokens)
 
 
 def plan_phase(scenario: Scenario, phase_index: int) -> list[PlannedRequest]:
@@ -47,6 +48,10 @@ def plan_phase(scenario: Scenario, phase_index: int) -> list[PlannedRequest]:
     schema_idx = rng.integers(0, len(schemas), n)  # (n,)
     seeds = rng.integers(0, 2**31 - 1, n)  # (n,)
     arrivals = _arrival_times(phase, n, rng)
+    system = None
+    if phase.system_prompt_tokens:   # one text for the whole phase, from its own stream of draws
+        system = build_system_prompt(phase.system_prompt_tokens, passages,
+                                     np.random.default_rng([scenario.seed, phase_index, 1]))
     out = []
     for i in range(n):
         schema = schemas[int(schema_idx[i])] if is_json[i] else None
@@ -56,7 +61,7 @@ def plan_phase(scenario: Scenario, phase_index: int) -> list[PlannedRequest]:
         out.append(PlannedRequest(
             index=i, phase=phase.name, adapter=adapter, prompt=prompt, max_tokens=int(json_max_tokens[i] if schema else max_tokens[i]),
             schema_name=schema["name"] if schema else None, schema=schema["schema"] if schema else None,
-            arrival_s=None if arrivals is None else float(arrivals[i]), seed=int(seeds[i])))
+            arrival_s=None if arrivals is None else float(arrivals[i]), seed=int(seeds[i]), system=system))
     return out
 
 
@@ -115,6 +120,22 @@ def build_prompt(task: str, target_tokens: int, passages: list[str], rng: np.ran
             words.append(w)
             used += len(w) + 1
     return f"{header}{' '.join(words)}\n\nNow the task: {task}"
+
+
+def build_system_prompt(target_tokens: int, passages: list[str], rng: np.random.Generator) -> str:
+    """A system message of about target_tokens tokens: house rules, then reference notes."""
+    header = ("You are the assistant of a shipping company. Follow the house rules, answer from "
+              "the reference notes below when they help, and keep answers short.\n\nReference notes:\n")
+    budget = target_tokens * CHARS_PER_TOKEN - len(header)
+    words: list[str] = []
+    used = 0
+    while used < budget:
+        for w in passages[int(rng.integers(0, len(passages)))].split():
+            if used >= budget:
+                break
+            words.append(w)
+            used += len(w) + 1
+    return header + " ".join(words)
 
 
 def adapter_labels(plans: list[PlannedRequest]) -> list[str]:

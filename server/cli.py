@@ -49,6 +49,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head-dtype", default=_env("lm-head-dtype", d.lm_head_dtype),
                    choices=["auto", "float32", "bfloat16"],
                    help="LM head weights: auto = bfloat16 for NF4 on an AVX-512 CPU")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=_env("enable-prefix-caching", d.enable_prefix_caching),
+                   help="reuse the KV blocks of prompt prefixes seen before (keyed by adapter and tenant)")
+    p.add_argument("--prefix-cache-blocks", type=int, default=_env("prefix-cache-blocks", d.prefix_cache_blocks),
+                   help="most cached KV blocks kept while no request uses them (0 = as the pool allows)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -58,6 +63,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
         max_model_len=args.max_model_len, lm_head_dtype=args.lm_head_dtype,
+        enable_prefix_caching=args.enable_prefix_caching, prefix_cache_blocks=args.prefix_cache_blocks,
     )
 
 

@@ -44,6 +44,8 @@ class EngineConfig:
     # LM head weights read as: auto = bfloat16 for an NF4 float32 model on a CPU with the
     # AVX-512 kernels (float32 activations and sums; half the bytes), else the model dtype
     lm_head_dtype: str = "auto"
+    enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt prefix seen before
+    prefix_cache_blocks: int = 0         # most cached blocks kept while unused (0 = as the pool allows)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -57,6 +59,8 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
                      "max_loras", "max_lora_rank", "max_cpu_loras", "lora_wait_steps"):
             _positive(name, getattr(self, name))
+        if self.prefix_cache_blocks < 0:
+            raise ConfigError(f"prefix_cache_blocks must be >= 0, got {self.prefix_cache_blocks}")
         if self.num_kv_blocks < 0 or self.max_model_len < 0:
             raise ConfigError("num_kv_blocks and max_model_len must be >= 0")
         if self.max_cpu_loras < self.max_loras:

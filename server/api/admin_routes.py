@@ -1,4 +1,5 @@
-"""/v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM-compatible bodies), /v1/adapters.
+"""/v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM-compatible bodies), /v1/adapters,
+/reset_prefix_cache (vLLM's path).
 
 Loading and unloading need an admin key (or an open server). Names are path components
 (no "/", no ".."); the base model's ids are reserved. A `lora_path` (absolute, or relative
@@ -87,3 +88,13 @@ async def list_adapters(request: Request):
     state.require_ready()
     rows = [dataclasses.asdict(info) for info in await state.engine.adapter_infos() if who.may_use(info.name)]
     return JSONResponse({"object": "list", "data": rows})
+
+
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(request: Request):
+    """Empty the prefix cache (admin): blocks in use stay with their requests, nothing else is kept."""
+    state = _state(request)
+    state.require_admin(request)
+    engine = state.require_ready()
+    dropped = await engine.reset_prefix_cache()
+    return JSONResponse({"object": "prefix_cache.reset", "blocks_dropped": dropped})

@@ -88,6 +88,7 @@ class RequestGate:
 def create_app(cfg: ServerConfig) -> FastAPI:
     keys = KeyTable.from_file(cfg.api_keys) if cfg.api_keys else KeyTable.empty()
     state = ServerState(cfg=cfg, keys=keys, base_id=base_model_id(cfg.engine.model), starter=LocalEngine.start)
+    state.metrics.set_base_label(state.base_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

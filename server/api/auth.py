@@ -2,11 +2,15 @@
 
 The keys file (JSON, or YAML of the same shape) lists every key:
 
-    {"keys": [{"key": "sk-...", "tenant": "acme", "adapters": ["acme-*", "shared"], "admin": false}]}
+    {"keys": [{"key": "sk-...", "tenant": "acme", "adapters": ["acme-*", "shared"], "admin": false,
+               "cache_namespace": "public"}]}
 
 `adapters` are fnmatch globs over adapter names. The base model is open to every key;
 only `admin` keys may load and unload adapters. Without a keys file the server is open:
 every caller is an admin that may use every adapter.
+Prefix caching is per tenant: a tenant's cached prompt blocks are found only by its own
+requests (so no tenant can time another's prompts). Keys that name the same optional
+`cache_namespace` share one cache namespace instead (e.g. public system prompts).
 Keys are compared in constant time against every entry (no early exit on a match).
 """
 from __future__ import annotations
@@ -25,6 +29,12 @@ class Principal:
     tenant: str
     adapters: tuple[str, ...]     # globs; ("*",) = every adapter
     admin: bool
+    cache_namespace: str | None = None   # shared prefix-cache namespace; None = the tenant's own
+
+    @property
+    def cache_scope(self) -> str:
+        """The prefix-cache namespace of this caller's requests."""
+        return f"tenant:{self.tenant}" if self.cache_namespace is None else f"shared:{self.cache_namespace}"
 
     def may_use(self, adapter: str) -> bool:
         return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
@@ -109,6 +119,7 @@ def _entries(data: object, path: str) -> list[_Entry]:
             raise ConfigError(f"api-keys file {path}: keys[{i}] must be an object, got {item!r}")
         key, tenant = item.get("key"), item.get("tenant")
         adapters, admin = item.get("adapters", []), item.get("admin", False)
+        namespace = item.get("cache_namespace")
         if not isinstance(key, str) or len(key) < 8:
             raise ConfigError(f"api-keys file {path}: keys[{i}].key must be a string of >= 8 characters")
         if key in seen:
@@ -119,6 +130,9 @@ def _entries(data: object, path: str) -> list[_Entry]:
             raise ConfigError(f"api-keys file {path}: keys[{i}].adapters must be a list of strings, got {adapters!r}")
         if not isinstance(admin, bool):
             raise ConfigError(f"api-keys file {path}: keys[{i}].admin must be true or false, got {admin!r}")
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise ConfigError(f"api-keys file {path}: keys[{i}].cache_namespace must be a non-empty string, "
+                              f"got {namespace!r}")
         seen.add(key)
-        entries.append(_Entry(key.encode("utf-8"), Principal(tenant, tuple(adapters), admin)))
+        entries.append(_Entry(key.encode("utf-8"), Principal(tenant, tuple(adapters), admin, namespace)))
     return entries

@@ -41,6 +41,7 @@ class Generation:
         self.request_id = request_id
         self.prompt_tokens = 0          # summed over distinct prompts (n copies counted once)
         self.completion_tokens = 0
+        self.cached_tokens = 0          # of prompt_tokens, served from the prefix cache
         self._prompt_seen: set[int] = set()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
@@ -94,6 +95,7 @@ class Generation:
             m.requests.labels(self.label, status).inc()
             m.prompt_tokens.labels(self.label).inc(self.prompt_tokens)
             m.generation_tokens.labels(self.label).inc(self.completion_tokens)
+            m.cached_prompt_tokens.labels(self.label).inc(self.cached_tokens)
             m.e2e.labels(self.label).observe(time.monotonic() - self._start)
 
     async def collect(self) -> dict[int, ChoiceDelta]:
@@ -158,4 +160,5 @@ class Generation:
         if key not in self._prompt_seen:
             self._prompt_seen.add(key)
             self.prompt_tokens += out.prompt_tokens
+            self.cached_tokens += out.cached_tokens
         self.completion_tokens += len(out.new_token_ids)

@@ -26,6 +26,7 @@ ADAPTER_COUNTERS = ("loads", "evictions", "host_evictions", "host_hits", "host_m
 class _EngineCollector(Collector):
     def __init__(self) -> None:
         self.snapshot = EngineSnapshot()
+        self.base_label = "base"      # the adapter label of base-model requests (the served base id)
 
     def collect(self):
         s = self.snapshot
@@ -44,6 +45,17 @@ class _EngineCollector(Collector):
         c = CounterMetricFamily("loraplex_adapter_load_seconds", "Seconds spent loading adapters")
         c.add_metric([], float(s.adapter_counters.get("load_seconds", 0.0)))
         yield c
+        yield _gauge("loraplex_kv_cache_blocks_cached", "KV cache blocks in the prefix cache (held or not)",
+                     s.kv_blocks_cached)
+        for name, series, doc in (("queries", s.prefix_cache_queries, "Prompt tokens looked up in the prefix cache"),
+                                  ("hits", s.prefix_cache_hits, "Prompt tokens found in the prefix cache")):
+            c = CounterMetricFamily(f"loraplex_prefix_cache_{name}", doc + ", by adapter", labels=["adapter"])
+            for adapter, value in sorted(series.items()):
+                c.add_metric([adapter or self.base_label], float(value))
+            yield c
+            c = CounterMetricFamily(f"vllm:prefix_cache_{name}", doc + " (tokens)")
+            c.add_metric([], float(sum(series.values())))
+            yield c
         yield _gauge("vllm:num_requests_running", "Number of requests in model execution batches", s.running)
         yield _gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed", s.waiting)
         yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage", s.kv_usage)
@@ -68,6 +80,8 @@ class Metrics:
                                 ["adapter", "status"], registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.cached_prompt_tokens = Counter("loraplex_cached_prompt_tokens",
+                                            "Prompt tokens served from the prefix cache", ["adapter"], registry=r)
         self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Time to first token",
                               ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("loraplex_inter_token_latency_seconds", "Time between streamed tokens",
@@ -82,6 +96,9 @@ class Metrics:
         self.inflight = Gauge("loraplex_api_requests_in_flight", "HTTP /v1 requests being answered", registry=r)
         self._engine = _EngineCollector()
         r.register(self._engine)
+
+    def set_base_label(self, label: str) -> None:
+        self._engine.base_label = label
 
     def set_snapshot(self, snapshot: EngineSnapshot) -> None:
         self._engine.snapshot = snapshot

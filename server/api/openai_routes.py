@@ -20,7 +20,8 @@ from server.api.auth import Principal
 from server.api.generation import Generation
 from server.api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                  ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Completion,
-                                 CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage, SamplingRequest)
+                                 CompletionChoice, CompletionRequest, ModelCard, ModelList, PromptTokensDetails, Usage,
+                                 SamplingRequest)
 from server.api.render import SSE_DONE, TokenText, chat_logprobs, completion_logprobs, sse
 from server.api.requests import build_requests
 from server.api.state import ServerState, valid_adapter_name
@@ -87,7 +88,8 @@ async def _prepare(request: Request, body: SamplingRequest, prompts_of, chars: i
     prompts = await asyncio.to_thread(prompts_of, engine.tokenizer)   # templating and tokenizing
     constraints = await _constraints(state, body, len(prompts) * body.n)
     rid = request.state.request_id
-    gen = Generation(state, adapter, build_requests(state, body, prompts, constraints, adapter, rid), rid)
+    gen = Generation(state, adapter, build_requests(state, body, prompts, constraints, adapter, rid,
+                                                               who.cache_scope), rid)
     gen.reserve()
     request.state.generation = gen    # RequestGate closes it when the response ends, whatever happened
     return state, gen
@@ -108,7 +110,8 @@ async def _until_disconnect(request: Request, work: asyncio.Task):
 
 def _usage(gen: Generation) -> Usage:
     return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                 total_tokens=gen.prompt_tokens + gen.completion_tokens)
+                 total_tokens=gen.prompt_tokens + gen.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=gen.cached_tokens))
 
 
 async def _sse(gen: Generation, first: list[str], chunk_of, usage_chunk) -> AsyncIterator[str]:

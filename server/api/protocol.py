@@ -97,6 +97,7 @@ class SamplingRequest(_Body):
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # extension (vLLM's name)
     ignore_eos: bool = False                       # extension
+    cache_salt: str | None = Field(default=None, min_length=1)   # extension (vLLM's): own prefix-cache namespace
     user: str | None = None
     # OpenAI fields not implemented: accepted only at their "off" value (see refused_fields)
     logit_bias: dict[str, Any] | None = None
@@ -196,10 +197,15 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):

@@ -12,13 +12,16 @@ import uuid
 from server.api import errors
 from server.api.protocol import SamplingRequest
 from server.api.state import ServerState
+from server.engine.prefix_cache import tenant_salt
 from server.engine.request import Constraint, Request, SamplingParams, check_fits, choice_seed
 
 
 def build_requests(state: ServerState, body: SamplingRequest, prompts: list[list[int]],
-                   constraints: list[Constraint], adapter: str | None, request_id: str) -> list[Request]:
+                   constraints: list[Constraint], adapter: str | None, request_id: str,
+                   cache_scope: str) -> list[Request]:
     """Request i is choice i: prompt p's n choices are p*n .. p*n+n-1; choice i samples with
-    seed + i so choices differ. Engine ids stay unique even when clients reuse an x-request-id."""
+    seed + i so choices differ. Engine ids stay unique even when clients reuse an x-request-id.
+    cache_scope: the caller's prefix-cache namespace (auth.Principal.cache_scope)."""
     limit = state.engine.max_model_len
     requested = body.requested_max_tokens()
     if requested is not None and requested < 1:
@@ -26,6 +29,7 @@ def build_requests(state: ServerState, body: SamplingRequest, prompts: list[list
     prefix = f"{request_id}-{uuid.uuid4().hex[:8]}"
     now = time.monotonic()
     timeout = state.cfg.request_timeout
+    salt = tenant_salt(cache_scope, body.cache_salt)
     out: list[Request] = []
     for p, ids in enumerate(prompts):
         if not ids:
@@ -47,5 +51,5 @@ def build_requests(state: ServerState, body: SamplingRequest, prompts: list[list
                 logprobs=body.requested_logprobs())
             out.append(Request(ids, params, adapter=adapter, constraint=constraints[index] if constraints else None,
                                request_id=f"{prefix}-{index}", arrival=now,
-                               deadline=now + timeout if timeout else None))
+                               deadline=now + timeout if timeout else None, cache_salt=salt))
     return out

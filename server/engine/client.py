@@ -33,6 +33,10 @@ class EngineSnapshot:
     waiting_adapters: tuple[str, ...] = ()
     preemptions: int = 0
     adapter_counters: dict[str, float] = field(default_factory=dict)  # loads, evictions, hits, ...
+    # prefix cache, cumulative by adapter ("" = base): prompt tokens looked up, tokens found
+    prefix_cache_queries: dict[str, int] = field(default_factory=dict)
+    prefix_cache_hits: dict[str, int] = field(default_factory=dict)
+    kv_blocks_cached: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -53,6 +57,7 @@ class EngineClient(Protocol):
     async def load_adapter(self, name: str, path: str) -> None: ...
     async def unload_adapter(self, name: str) -> None: ...
     async def snapshot(self) -> EngineSnapshot: ...
+    async def reset_prefix_cache(self) -> int: ...   # -> blocks dropped
 
     @property
     def is_alive(self) -> bool: ...

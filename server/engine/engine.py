@@ -72,12 +72,14 @@ class Engine:
         bytes_per_block = 2 * arch.num_layers * config.block_size * arch.num_kv_heads * arch.head_dim * elem
         num_blocks = pool_size(config, bytes_per_block, _memory_budget(self.device))
         self.model.allocate_kv_cache(num_blocks, config.block_size)
-        self.pool = BlockPool(num_blocks, config.block_size)
+        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_cache_blocks)
         # The context a request may reach: the model's (or --max-model-len), and what the pool holds.
         self.max_model_len = min(config.max_model_len or arch.max_position_embeddings,
                                  num_blocks * config.block_size)
         self.store = AdapterStore(config, self.model.lora_linears(), self.device, self.dtype, model_dir)
-        self.scheduler = Scheduler(config, self.pool, self.store, self.max_model_len)
+        # The base in every prefix-cache key: fixed for this process, named for clarity.
+        base_key = f"{model_dir}|{config.quantization}|{self.dtype}"
+        self.scheduler = Scheduler(config, self.pool, self.store, self.max_model_len, base_key)
         self.runner = Runner(self.model, self.pool, self.store, self.device)
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(arch.eos_token_ids))
@@ -128,7 +130,15 @@ class Engine:
             device_slots_used=self.store.device_slots_used(),
             running_adapters=tuple(r.adapter for r in sched.running if r.adapter),
             waiting_adapters=tuple(r.adapter for r in sched.waiting if r.adapter),
-            preemptions=sched.num_preemptions, adapter_counters=self.store.counters())
+            preemptions=sched.num_preemptions, adapter_counters=self.store.counters(),
+            prefix_cache_queries=dict(sched.cache_queries), prefix_cache_hits=dict(sched.cache_hits),
+            kv_blocks_cached=self.pool.num_cached)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (engine thread); the number of blocks that were cached."""
+        n = self.scheduler.reset_cache()
+        log.info("prefix cache reset: %d blocks dropped", n)
+        return n
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -144,6 +154,7 @@ class Engine:
         constrained = [r for r, s in zip(sched.requests, sched.sampled) if s and r.constraint is not None]
         filling = self.constraints.start(constrained)  # masks fill on a worker thread while the model runs
         sched, logits, culprits = isolation.forward(self.runner.run, sched)   # logits (B, V)
+        self.scheduler.commit(sched.requests)   # their K/V are written: cache their full blocks
         outputs += [self._fail(r, isolation.describe("forward", e)) for r, e in culprits]
         rows = [i for i, s in enumerate(sched.sampled) if s]
         if not rows:
@@ -204,7 +215,7 @@ class Engine:
         live = self._live.get(req.request_id)
         if live is None:          # it had already ended when its failure surfaced
             return RequestOutput(req.request_id, [], "", None, True, FinishReason.ABORT, len(req.prompt_ids),
-                                 len(req.output_ids), message, kind)
+                                 len(req.output_ids), message, kind, req.cached_tokens or 0)
         out = self._finish(live, FinishReason.ABORT, [], "", None, message)
         out.error_kind = kind
         return out
@@ -252,5 +263,5 @@ class Engine:
         req = live.req
         return RequestOutput(req.request_id, new_ids, text, lps, finished, req.finish_reason if finished else None,
                              len(req.prompt_ids), live.completion_tokens, error,
-                             ErrorKind.INTERNAL if error is not None else None)
+                             ErrorKind.INTERNAL if error is not None else None, req.cached_tokens or 0)
 

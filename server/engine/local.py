@@ -58,3 +58,6 @@ class LocalEngine:
 
     async def snapshot(self) -> EngineSnapshot:
         return await self._loop.run_on_loop(self._engine.snapshot)
+
+    async def reset_prefix_cache(self) -> int:
+        return await self._loop.run_on_loop(self._engine.reset_prefix_cache)

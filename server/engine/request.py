@@ -137,12 +137,17 @@ class Request:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = 0.0
     deadline: float | None = None         # time.monotonic() past which the engine ends it (timeout)
+    cache_salt: str = ""                  # prefix-cache salt: tenant namespace + cache_salt (the API's)
     # engine-owned state
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0                 # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    cached_tokens: int | None = None      # prompt tokens found in the prefix cache when first admitted
+    cache_root: bytes | None = None       # namespace of its hashes; None: it neither reads nor fills the cache
+    block_hashes: list[bytes] = field(default_factory=list)   # chain keys of its full blocks (prefix_cache.py)
+    num_registered: int = 0               # leading blocks of block_ids that are in the cache
 
     @property
     def all_ids(self) -> list[int]:
@@ -173,3 +178,4 @@ class RequestOutput:
     completion_tokens: int
     error: str | None = None              # set when the request failed (e.g. its adapter could not load)
     error_kind: ErrorKind | None = None   # set with error
+    cached_tokens: int = 0                # prompt tokens served from the prefix cache

@@ -13,6 +13,13 @@ does not fit the step) is skipped without blocking the queue behind it. No adapt
 starves: once a request has waited more than config.lora_wait_steps steps for its adapter,
 no other adapter may enter the step until it has (and while the step's adapter set is full,
 running adapters take no new requests either, so a slot drains).
+
+Prefix cache (config.enable_prefix_caching): a request admitted with nothing computed takes
+the cached blocks of its longest cached prefix (server/engine/prefix_cache.py keys them) and
+starts computing after them; at least its last token is always computed, for its logits.
+`commit` registers the full blocks a step computed. A request whose next uncached block is
+being computed by a running one (the n choices of one prompt, or the same system prompt
+sent twice at once) waits for it rather than computing it twice.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from typing import Protocol
 
 from server.config import EngineConfig
 from server.engine.kv_cache import BlockPool, blocks_for
+from server.engine.prefix_cache import extend_hashes, namespace
 from server.engine.request import Request, Status, check_fits
 from server.errors import AdapterError, PromptTooLongError
 
@@ -30,7 +38,8 @@ class AdapterResidency(Protocol):
     """The part of server.lora.store.AdapterStore the scheduler uses."""
 
     def request_resident(self, name: str) -> bool: ...
-    def pin(self, name: str) -> None: ...
+    def cache_key(self, name: str) -> str | None: ...    # the weights new requests get, if resident
+    def pin(self, name: str) -> str | None: ...          # -> the cache key of the weights it starts on
     def unpin(self, name: str) -> None: ...
 
 
@@ -48,10 +57,21 @@ class SchedulerOutput:
         return sum(self.num_new)
 
 
+@dataclass
+class _Hit:
+    """What admitting a waiting request would reuse from the prefix cache."""
+    root: bytes | None = None     # None: the request does not use the cache
+    adapter_key: str | None = None
+    blocks: list[int] = field(default_factory=list)
+    idle: int = 0                 # of those, blocks no request holds (taking them uses free space)
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: BlockPool, store: AdapterResidency,
-                 max_model_len: int) -> None:
+                 max_model_len: int, base_key: str = "") -> None:
+        """base_key: the served base model's fingerprint, part of every prefix-cache key."""
         self.config = config
+        self.base_key = base_key
         self.pool = pool
         self.store = store
         self.max_model_len = max_model_len
@@ -59,6 +79,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._adapter_wait: dict[str, int] = {}   # request_id -> steps skipped for its adapter
         self.num_preemptions = 0                   # since start, for stats and metrics
+        self._pending: dict[bytes, str] = {}       # block hash -> id of the running request computing it
+        # prefix-cache lookups by adapter ("" = base): prompt tokens looked up and tokens found
+        self.cache_queries: dict[str, int] = {}
+        self.cache_hits: dict[str, int] = {}
 
     # -- queue ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -84,7 +108,11 @@ class Scheduler:
         req.status = Status.FINISHED
 
     def _release(self, req: Request) -> None:
+        for h in req.block_hashes[req.num_registered:]:
+            if self._pending.get(h) == req.request_id:
+                del self._pending[h]
         self.pool.free(req.block_ids)
+        req.num_registered = 0
         if req.adapter is not None:
             self.store.unpin(req.adapter)
 
@@ -156,27 +184,72 @@ class Scheduler:
             if not admissible:
                 skipped.append(req)
                 continue
-            n = min(req.num_tokens - req.num_computed, budget)   # chunked when over the budget
-            if not self.pool.can_allocate(blocks_for(n, self.pool.block_size)):
+            hit = self._lookup(req)
+            if hit is None:
+                continue    # its next block is being computed by a running request: reuse it next step
+            cached = len(hit.blocks) * self.pool.block_size
+            n = min(req.num_tokens - cached, budget)   # chunked when over the budget
+            need = blocks_for(cached + n, self.pool.block_size) - len(hit.blocks)
+            if not self.pool.can_allocate(need + hit.idle):
                 break   # FCFS: later requests do not overtake one that waits for memory
-            if not self._admit(req, n, out):
+            if not self._admit(req, hit, n, out):
                 continue
             if req.adapter is not None:
                 active.add(req.adapter)
-            budget -= n
+            budget -= out.num_new[-1]
         for req in skipped:
             self._adapter_wait[req.request_id] = self._adapter_wait.get(req.request_id, 0) + 1
 
-    def _admit(self, req: Request, n: int, out: SchedulerOutput) -> bool:
-        """Move req to running with blocks for its first n tokens; False if its adapter vanished."""
+    def _lookup(self, req: Request) -> _Hit | None:
+        """The cached prefix admitting req would reuse; None when it should wait a step."""
+        if not self.config.enable_prefix_caching:
+            return _Hit()
+        key = None if req.adapter is None else self.store.cache_key(req.adapter)
+        if req.adapter is not None and key is None:
+            return _Hit()
+        root = namespace(self.base_key, key, req.cache_salt)
+        if root != req.cache_root:
+            req.cache_root, req.block_hashes = root, []
+        usable = (req.num_tokens - 1) // self.pool.block_size   # the last token is always computed
+        extend_hashes(req.block_hashes, root, req.all_ids, self.pool.block_size, usable)
+        blocks = self.pool.cached_prefix(req.block_hashes[:usable])
+        if len(blocks) < usable and req.block_hashes[len(blocks)] in self._pending:
+            return None
+        return _Hit(root, key, blocks, sum(self.pool.refcount(b) == 0 for b in blocks))
+
+    def _admit(self, req: Request, hit: _Hit, n: int, out: SchedulerOutput) -> bool:
+        """Move req to running with its cached blocks and blocks for n more tokens; False if
+        its adapter vanished."""
         self.waiting.remove(req)
         if req.adapter is not None:
             try:
-                self.store.pin(req.adapter)
+                key = self.store.pin(req.adapter)
             except AdapterError as e:   # unloaded by an admin call since request_resident
                 out.failed.append((req, e))
                 return False
-        self.pool.grow(req.block_ids, n)
+            if key != hit.adapter_key and hit.root is not None:   # reloaded since the lookup: no reuse
+                n = min(n + len(hit.blocks) * self.pool.block_size, self.pool.num_free * self.pool.block_size)
+                hit = _Hit()
+                if n == 0:
+                    self.store.unpin(req.adapter)
+                    self.waiting.appendleft(req)
+                    return False
+        if hit.root is not None:
+            label = req.adapter or ""
+            self.cache_queries[label] = self.cache_queries.get(label, 0) + req.num_tokens
+            self.cache_hits[label] = self.cache_hits.get(label, 0) + len(hit.blocks) * self.pool.block_size
+        self.pool.hold(hit.blocks)
+        req.block_ids = list(hit.blocks)
+        req.num_registered = len(hit.blocks)
+        req.num_computed = len(hit.blocks) * self.pool.block_size
+        if hit.root is None:
+            req.cache_root, req.block_hashes = None, []
+        else:
+            for h in req.block_hashes[len(hit.blocks):]:
+                self._pending.setdefault(h, req.request_id)
+        if req.cached_tokens is None:
+            req.cached_tokens = req.num_computed
+        self.pool.grow(req.block_ids, req.num_computed + n)
         self.running.append(req)
         req.status = Status.RUNNING
         self._adapter_wait.pop(req.request_id, None)
@@ -184,6 +257,31 @@ class Scheduler:
         out.starts.append(req.num_computed)
         out.num_new.append(n)
         return True
+
+    def commit(self, requests: list[Request]) -> None:
+        """After a forward that computed these requests' scheduled tokens: cache their full blocks."""
+        bs = self.pool.block_size
+        for req in requests:
+            if req.cache_root is None or req.status != Status.RUNNING:
+                continue
+            full = req.num_computed // bs
+            if full <= req.num_registered:
+                continue
+            extend_hashes(req.block_hashes, req.cache_root, req.all_ids, bs, full)
+            for i in range(req.num_registered, full):
+                h = req.block_hashes[i]
+                self.pool.register(req.block_ids[i], h)
+                if self._pending.get(h) == req.request_id:
+                    del self._pending[h]
+            req.num_registered = full
+
+    def reset_cache(self) -> int:
+        """Empty the prefix cache (blocks in use stay with their requests); blocks dropped."""
+        n = self.pool.reset_cache()
+        for req in self.running:
+            req.cache_root, req.block_hashes, req.num_registered = None, [], 0
+        self._pending.clear()
+        return n
 
     def _adapter_admissible(self, name: str, active: set[str], starving: str | None) -> bool:
         full = len(active) >= self.config.max_loras

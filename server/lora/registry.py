@@ -44,6 +44,7 @@ class Entry:
     served: int = 0
     last_used: float | None = None
     generation: int = 0                   # bumped by load/unload: a read started before is discarded
+    install: int = 0                      # the store's serial of meta's install (prefix-cache keys)
 
 
 def valid_name(name: str) -> bool:

@@ -62,6 +62,7 @@ class AdapterStore:
         self._slot_used: list[float] = [0.0] * config.max_loras
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
         self._base = BaseCheck(base_dir)
+        self._installs = 0      # serial of weight installs: a new one whenever a name gets other weights
         # Cumulative, for /metrics: reads from disk and their seconds, slot evictions, host-cache
         # evictions, residency checks that found a slot (device hit), adapters that had to be
         # brought to a slot (device miss) from the host cache (host hit) or from disk (host miss).
@@ -135,6 +136,9 @@ class AdapterStore:
             else:
                 self._slot_owner[entry.slot] = None
             entry.slot = None
+        if entry.meta is None or entry.meta.identity != adapter.identity:
+            self._installs += 1
+            entry.install = self._installs
         entry.adapter = entry.meta = adapter
         for victim in self._host.admit(entry.name, self._wanted):
             self._counters["host_evictions"] += 1
@@ -215,13 +219,27 @@ class AdapterStore:
                 self._wanted.pop(name, None)
                 del self._entries[name]
 
-    def pin(self, name: str) -> None:
-        """A request starts using `name` (counted; a pinned adapter's slot is never evicted)."""
+    def cache_key(self, name: str) -> str | None:
+        """The prefix-cache key of the weights new requests for `name` run on now (identity and
+        install serial: unload + load, or a reload with other weights, gives a new key); None
+        when they are not resident."""
+        with self._lock:
+            return self._cache_key(self._reg.live(name))
+
+    def _cache_key(self, entry: Entry) -> str | None:
+        if self._valid_slot(entry) is None:
+            return None
+        return f"{entry.meta.identity}#{entry.install}"
+
+    def pin(self, name: str) -> str | None:
+        """A request starts using `name` (counted; a pinned adapter's slot is never evicted).
+        Returns the cache key of the weights it starts on (None: not the current ones)."""
         with self._lock:
             entry = self._reg.live(name)
             entry.pins += 1
             entry.served += 1
             entry.last_used = time.time()
+            return self._cache_key(entry)
 
     def unpin(self, name: str) -> None:
         with self._lock:

@@ -50,6 +50,20 @@ def test_adapter_globs():
     assert OPEN.may_use("anything") and OPEN.admin
 
 
+def test_cache_scope_is_the_tenant_unless_a_shared_namespace_is_named(tmp_path):
+    data = {"keys": KEYS["keys"] + [
+        {"key": "sk-pub1-0004", "tenant": "pub1", "cache_namespace": "public"},
+        {"key": "sk-pub2-0005", "tenant": "pub2", "cache_namespace": "public"},
+        {"key": "sk-acme-0006", "tenant": "public"},          # a tenant named like the namespace
+    ]}
+    t = KeyTable.from_file(_write(tmp_path, "k.json", json.dumps(data)))
+    scopes = {k: t.authenticate(k).cache_scope for k in
+              ("sk-acme-0001", "sk-beta-0002", "sk-pub1-0004", "sk-pub2-0005", "sk-acme-0006")}
+    assert scopes["sk-pub1-0004"] == scopes["sk-pub2-0005"]
+    assert len(set(scopes.values())) == 4                     # acme, beta, public (shared), tenant "public"
+    assert OPEN.cache_scope == "tenant:open"
+
+
 def test_open_server_without_keys():
     t = KeyTable.empty()
     assert t.open
@@ -66,6 +80,8 @@ def test_open_server_without_keys():
     ({"keys": [{"key": "sk-aaaaaaaa", "tenant": "a", "adapters": "a-*"}]}, "keys[0].adapters"),
     ({"keys": [{"key": "sk-aaaaaaaa", "tenant": "a", "admin": "yes"}]}, "keys[0].admin"),
     ({"keys": [{"key": "sk-aaaaaaaa", "tenant": "a"}, {"key": "sk-aaaaaaaa", "tenant": "b"}]}, "listed twice"),
+    ({"keys": [{"key": "sk-aaaaaaaa", "tenant": "a", "cache_namespace": ""}]}, "keys[0].cache_namespace"),
+    ({"keys": [{"key": "sk-aaaaaaaa", "tenant": "a", "cache_namespace": 3}]}, "keys[0].cache_namespace"),
 ])
 def test_bad_files_raise_config_error_naming_the_entry(tmp_path, data, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):

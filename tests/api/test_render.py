@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from server.api.protocol import Usage
+from server.api.protocol import PromptTokensDetails, Usage
 from server.api.render import SSE_DONE, TokenText, chat_logprobs, completion_logprobs, sse
 from server.engine.request import TokenLogprob
 from server.model.default import ensure_default_model
@@ -42,8 +42,10 @@ def test_chat_logprobs_shape(text):
 
 
 def test_sse_framing():
-    line = sse(Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3))
+    line = sse(Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=1)))
     assert line.startswith("data: ") and line.endswith("\n\n")
-    assert json.loads(line[6:]) == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert json.loads(line[6:]) == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                                    "prompt_tokens_details": {"cached_tokens": 1}}
     assert sse({"error": {"message": "x"}}) == 'data: {"error": {"message": "x"}}\n\n'
     assert SSE_DONE == "data: [DONE]\n\n"

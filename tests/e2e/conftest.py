@@ -30,6 +30,8 @@ KEYS = {
     "acme": "sk-acme-7f3a9c21",
     "beta": "sk-beta-51d0e8b4",
     "admin": "sk-admin-c0ffee42",
+    "pub1": "sk-pub1-0a1b2c3d",     # two tenants that share the "public" prefix-cache namespace
+    "pub2": "sk-pub2-4e5f6a7b",
 }
 # adapter name -> (rank, alpha, targets, seed)
 ADAPTERS = {
@@ -97,6 +99,8 @@ def start_server(tmp: Path, extra: list[str], quantization: str = "none", module
         {"key": KEYS["acme"], "tenant": "acme", "adapters": ["acme-*", "shared-*"]},
         {"key": KEYS["beta"], "tenant": "beta", "adapters": ["beta-*"]},
         {"key": KEYS["admin"], "tenant": "ops", "adapters": ["*"], "admin": True},
+        {"key": KEYS["pub1"], "tenant": "pub1", "adapters": [], "cache_namespace": "public"},
+        {"key": KEYS["pub2"], "tenant": "pub2", "adapters": [], "cache_namespace": "public"},
     ]}))
     port = free_port()
     log_path = tmp / f"server-{port}.log"

@@ -27,8 +27,12 @@ class FakeStore:
         assert len(in_slots) <= self.num_slots
         return True
 
-    def pin(self, name: str) -> None:
+    def cache_key(self, name: str) -> str | None:
+        return f"{name}@1"
+
+    def pin(self, name: str) -> str | None:
         self.pins[name] += 1
+        return self.cache_key(name)
 
     def unpin(self, name: str) -> None:
         assert self.pins[name] > 0, f"unpin of {name} without pin"
@@ -44,6 +48,9 @@ def req(n_prompt: int, max_tokens: int = 4, adapter: str | None = None, rid: str
 
 
 def make(num_blocks=64, block_size=4, store=None, **cfg) -> Scheduler:
+    """These tests send identical prompts to test budgets and order: the prefix cache is off
+    unless a test turns it on (tests/engine/test_prefix_cache.py tests it)."""
+    cfg.setdefault("enable_prefix_caching", False)
     config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **cfg)
     store = store if store is not None else FakeStore(config.max_loras)
     return Scheduler(config, BlockPool(num_blocks, block_size), store, max_model_len=256)

@@ -41,12 +41,13 @@ def test_peer_commands_use_the_peer_scripts_and_the_adapters(tmp_path):
 
 def test_table_marks_skipped_and_failed_cells():
     rows = [{"server": "a", "scenario": "s1", "ok": 4, "requests": 4, "output_tok_s": 10.0, "cpu_cores": 1.5,
-             "json_valid": ""},
+             "json_valid": "", "ttft_p50": 0.25, "ttft_p99": 1.5},
             {"server": "b", "scenario": "s1", "ok": 3, "requests": 4, "output_tok_s": 5.0, "cpu_cores": 0.5,
-             "json_valid": "2/2"}]
+             "json_valid": "2/2", "ttft_p50": 0.5, "ttft_p99": 2.0}]
     md = table(rows, ["s1", "s2"], "0.1 0.2 0.3")
     assert "| a | 10.0 (1.50) | – |" in md
     assert "| b | 5.0 (0.50) 3/4 ok json 2/2 | – |" in md and "0.1 0.2 0.3" in md
+    assert "| a | 0.250 / 1.500 | – |" in md and "| b | 0.500 / 2.000 | – |" in md
 
 
 @pytest.mark.e2e

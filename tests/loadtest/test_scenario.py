@@ -46,6 +46,8 @@ def test_lengths_fixed_and_uniform():
     ({"max_tokens": {"dist": "uniform", "min": 9, "max": 3}}, "min=9"),
     ({"json_fraction": 1.5}, "json_fraction"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"system_prompt_tokens": -1}, "system_prompt_tokens"),
+    ({"system_prompt_tokens": 1.5}, "system_prompt_tokens"),
     ({"requets": 3}, "requets"),
     ({"phases": [{"name": "a"}, {"name": "a"}]}, "unique"),
     ({"phases": [{"seed": 3}]}, "seed"),

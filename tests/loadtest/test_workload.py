@@ -112,3 +112,23 @@ def test_bundled_scenarios_plan(name):
     for i in range(len(s.phases)):
         plans = plan_phase(s, i)
         assert len(plans) == s.phases[i].requests
+
+
+def test_a_shared_system_prompt_is_the_same_for_every_request_of_a_phase():
+    from loadtest.modelmap import ModelMap
+    from loadtest.runner import request_body
+    s = scenario({"popularity": "uniform", "count": 4}, requests=20, system_prompt_tokens=1000,
+                 prompt_tokens={"dist": "uniform", "min": 12, "max": 40},
+                 phases=[{"name": "one"}, {"name": "two", "system_prompt_tokens": 0}])
+    plans = plan_phase(s, 0)
+    systems = {p.system for p in plans}
+    assert len(systems) == 1 and None not in systems
+    (system,) = systems
+    assert 0.9 * 1000 * CHARS_PER_TOKEN <= len(system) <= 1.1 * 1000 * CHARS_PER_TOKEN
+    assert len({p.prompt for p in plans}) > 10                  # the user turns differ
+    assert plan_phase(s, 0) == plans                            # seeded
+    body = request_body(plans[0], s.phases[0], ModelMap())
+    assert body["messages"][0] == {"role": "system", "content": system}
+    assert body["messages"][1]["role"] == "user"
+    assert all(p.system is None for p in plan_phase(s, 1))
+    assert len(request_body(plan_phase(s, 1)[0], s.phases[1], ModelMap())["messages"]) == 1
