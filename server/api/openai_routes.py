@@ -52,7 +52,9 @@ async def _constraints(state: ServerState, body: SamplingRequest, count: int) ->
     if spec is None:
         return []
     compiled = await state.compiler.compile_async(spec)
-    return [new_matcher(compiled, spec.close_within) for _ in range(count)]
+    # an unset closing budget is resolved from each request's max_tokens (api/requests.py)
+    close = spec.close_within if spec.close_within is not None or spec.kind == "json" else 0
+    return [new_matcher(compiled, close) for _ in range(count)]
 
 
 def _check_fields(body: SamplingRequest) -> None:

@@ -99,8 +99,8 @@ class SamplingRequest(_Body):
     ignore_eos: bool = False                       # extension
     cache_salt: str | None = Field(default=None, min_length=1)   # extension (vLLM's): own prefix-cache namespace
     user: str | None = None
+    logit_bias: dict[str, float] | None = None     # token id (a decimal string) -> bias in [-100, 100]
     # OpenAI fields not implemented: accepted only at their "off" value (see refused_fields)
-    logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -108,9 +108,18 @@ class SamplingRequest(_Body):
 
     def refused_fields(self) -> list[str]:
         """Fields given with a value this server does not implement (a 400 names them)."""
-        off = {"logit_bias": ({}, None), "tools": ([], None), "functions": ([], None),
+        off = {"tools": ([], None), "functions": ([], None),
                "tool_choice": (None, "none"), "function_call": (None, "none")}
         return [name for name, values in off.items() if getattr(self, name) not in values]
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs; ValueError naming a key that is not a token id."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not re.fullmatch(r"[0-9]{1,9}", key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key!r}")
+            pairs.append((int(key), float(bias)))
+        return tuple(pairs)
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -14,6 +14,11 @@ from server.api.protocol import SamplingRequest
 from server.api.state import ServerState
 from server.engine.prefix_cache import tenant_salt
 from server.engine.request import Constraint, Request, SamplingParams, check_fits, choice_seed
+from server.structured.spec import default_close_within
+
+# max_tokens of a constrained request that sets none: a JSON value far longer than this is
+# almost always a model looping, and the closing budget needs a budget to close within
+CONSTRAINED_MAX_TOKENS = 1024
 
 
 def build_requests(state: ServerState, body: SamplingRequest, prompts: list[list[int]],
@@ -30,14 +35,25 @@ def build_requests(state: ServerState, body: SamplingRequest, prompts: list[list
     now = time.monotonic()
     timeout = state.cfg.request_timeout
     salt = tenant_salt(cache_scope, body.cache_salt)
+    try:
+        bias = body.logit_bias_pairs()
+    except ValueError as e:
+        raise errors.invalid(str(e), "logit_bias") from e
+    vocab = state.engine.tokenizer.vocab_size
+    if any(t >= vocab for t, _ in bias):
+        raise errors.invalid(f"logit_bias token ids must be in 0..{vocab - 1}", "logit_bias")
     out: list[Request] = []
     for p, ids in enumerate(prompts):
         if not ids:
             raise errors.invalid("prompt must not be empty", "prompt")
         check_fits(len(ids), limit, requested)
         max_tokens = requested if requested is not None else limit - len(ids)
+        if requested is None and constraints:
+            max_tokens = min(max_tokens, CONSTRAINED_MAX_TOKENS)
         for i in range(body.n):
             index = p * body.n + i
+            if constraints and constraints[index].close_within is None:
+                constraints[index].close_within = default_close_within(max_tokens)
             params = SamplingParams(
                 max_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -48,7 +64,7 @@ def build_requests(state: ServerState, body: SamplingRequest, prompts: list[list
                 repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                 seed=None if body.seed is None else choice_seed(body.seed, index),
                 stop=body.stop_strings(), ignore_eos=body.ignore_eos,
-                logprobs=body.requested_logprobs())
+                logprobs=body.requested_logprobs(), logit_bias=bias)
             out.append(Request(ids, params, adapter=adapter, constraint=constraints[index] if constraints else None,
                                request_id=f"{prefix}-{index}", arrival=now,
                                deadline=now + timeout if timeout else None, cache_salt=salt))

@@ -6,6 +6,11 @@ The masks of one step are known before the forward (constraint state only change
 token is consumed), so `start` fills them on a worker thread while the model runs;
 llguidance and torch both release the GIL. A request whose own grammar work fails (its
 mask fill, its closing rule) is handed back as failed; the other rows go on.
+
+The closing rule (Constraint.close) is on for a request from the step its closing budget
+(`close_within`) is reached, or from the step its output is seen looping (`looping`: the same
+unit of tokens back to back, as a small model repeats one key/value pair or one word); once
+on, it stays on. A budget of 0 turns both off.
 """
 from __future__ import annotations
 
@@ -19,6 +24,20 @@ from server.engine import isolation
 from server.engine.request import Constraint, Request
 
 MaskRows = dict[str, "torch.Tensor | BaseException"]   # request id -> mask row (W,) or its own failure
+LOOP_MAX_PERIOD = 48        # tokens in the repeated unit
+LOOP_MIN_REPEATS = 4        # back-to-back copies of it ...
+LOOP_MIN_TOKENS = 24        # ... covering at least this many tokens
+
+
+def looping(ids: list[int]) -> bool:
+    """Whether ids end in one unit of 1..LOOP_MAX_PERIOD tokens repeated back to back, at least
+    LOOP_MIN_REPEATS times and over at least LOOP_MIN_TOKENS tokens."""
+    n = len(ids)
+    for period in range(1, min(LOOP_MAX_PERIOD, n // LOOP_MIN_REPEATS) + 1):
+        span = max(period * LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // period) * period)
+        if span <= n and ids[n - span + period:] == ids[n - span:n - period]:
+            return True
+    return False
 
 
 class ConstraintStage:
@@ -78,7 +97,10 @@ class ConstraintStage:
             for j, i in enumerate(rows):
                 req = reqs[i]
                 m = req.constraint
-                if m.close_within and req.params.max_tokens - len(req.output_ids) <= m.close_within:
+                if m.close_within and not req.closing:
+                    req.closing = (req.params.max_tokens - len(req.output_ids) <= m.close_within
+                                   or looping(req.output_ids))
+                if req.closing:
                     try:
                         m.close(sub[j], self.text_of(req))
                     except Exception as e:

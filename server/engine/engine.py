@@ -21,7 +21,7 @@ from server.engine import isolation
 from server.engine.client import EngineSnapshot
 from server.engine.constrain import ConstraintStage
 from server.engine.runner import Runner
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, apply_logit_bias
 from server.engine.scheduler import Scheduler
 from server.errors import AdapterError, GrammarError
 from server.lora.store import AdapterStore
@@ -98,6 +98,10 @@ class Engine:
             raise AdapterError(f"unknown adapter {req.adapter!r}")
         if not req.prompt_ids:
             raise SamplingParamsError("prompt", "the prompt must have at least one token")
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t, _ in req.params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise SamplingParamsError("logit_bias", f"logit_bias token ids must be in 0..{vocab - 1}, got {bad}")
         live = _Live(req, IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.params.stop))
         self.sampler.register(req.request_id, req.params.seed)
         try:
@@ -160,7 +164,9 @@ class Engine:
         if not rows:
             return outputs
         reqs = [sched.requests[i] for i in rows]
-        logits = logits[rows]  # (n, V) only requests that reached their last token
+        logits = logits[rows]  # (n, V) only requests that reached their last token (a copy)
+        if any(r.params.logit_bias for r in reqs):
+            apply_logit_bias(logits, [r.params for r in reqs])   # before the grammar mask
         reqs, logits, failed = self.constraints.apply(reqs, logits, self.constraints.rows(constrained, filling))
         outputs += [self._fail(r, e) for r, e in failed]
         sampled, failures = isolation.batched(lambda idx: self._sample(reqs, logits, idx),

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1     # a 64-bit signed integer, as vLLM accepts
+MAX_LOGIT_BIAS = 1024                      # logit_bias entries per request
 
 
 def choice_seed(seed: int, index: int) -> int:
@@ -61,6 +62,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # OpenAI: logit -= f * (times the token is in the output so far)
     presence_penalty: float = 0.0     # OpenAI: logit -= p if the token is in the output so far
     repetition_penalty: float = 1.0   # vLLM/HF: tokens in prompt or output: logit / r if > 0, else * r
+    logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI: (token id, bias in [-100, 100]) added to its logit
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -83,6 +85,15 @@ class SamplingParams:
                                       f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if len(self.stop) > 16:
             raise SamplingParamsError("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingParamsError("logit_bias", f"at most {MAX_LOGIT_BIAS} logit_bias entries, "
+                                      f"got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise SamplingParamsError("logit_bias", f"logit_bias keys must be token ids >= 0, got {token!r}")
+            if not (-100.0 <= bias <= 100.0):
+                raise SamplingParamsError("logit_bias", f"logit_bias values must be in [-100, 100], "
+                                          f"got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:
@@ -148,6 +159,7 @@ class Request:
     cache_root: bytes | None = None       # namespace of its hashes; None: it neither reads nor fills the cache
     block_hashes: list[bytes] = field(default_factory=list)   # chain keys of its full blocks (prefix_cache.py)
     num_registered: int = 0               # leading blocks of block_ids that are in the cache
+    closing: bool = False                 # its constraint's closing rule is on (budget reached or a loop seen)
 
     @property
     def all_ids(self) -> list[int]:

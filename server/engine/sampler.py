@@ -103,6 +103,16 @@ class Sampler:
         return (probs / q).argmax(dim=-1)  # (m,)
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Add each row's logit_bias to its logits (n, V), in place (before the grammar mask, so a
+    bias never makes a token the grammar forbids possible)."""
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=logits.device)
+            vals = torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=logits.device)
+            logits[i].index_add_(0, ids, vals)
+
+
 def _penalize(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
     """In place on one row's logits (V,): repetition (vLLM/HF), then frequency and presence (OpenAI).
 

@@ -67,7 +67,7 @@ class CompiledGrammar:
     closing: ClosingTokens             # the compiler's close_within token sets (one per tokenizer)
 
 
-def new_matcher(compiled: CompiledGrammar, close_within: int = 0) -> Matcher:
+def new_matcher(compiled: CompiledGrammar, close_within: int | None = 0) -> Matcher:
     """A fresh matcher at the grammar's start (a copy of the template: microseconds).
     close_within: the spec's closing budget (ConstraintSpec.close_within)."""
     return Matcher(compiled.template.deep_copy(), compiled.vocab_size, compiled.eos_token_id, close_within,

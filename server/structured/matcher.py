@@ -26,11 +26,12 @@ from server.structured.closing import ClosingTokens, close_row
 
 class Matcher:
     def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, eos_token_id: int,
-                 close_within: int = 0, closing: ClosingTokens | None = None) -> None:
+                 close_within: int | None = 0, closing: ClosingTokens | None = None) -> None:
         self._inner = inner
         self.vocab_size = vocab_size          # bits in one mask row (the tokenizer's vocabulary)
         self.eos_token_id = eos_token_id
-        self.close_within = close_within      # ConstraintSpec.close_within: the engine's closing budget
+        # ConstraintSpec.close_within: the engine's closing budget (None until the API resolves it)
+        self.close_within = close_within
         self.closing = closing                # the token sets that budget uses (structured/closing.py)
         self.num_consumed = 0
 

@@ -24,10 +24,13 @@ given alongside response_format), or inside the schema with llguidance's own set
 Closing within the budget: with close_within N > 0, the last N tokens before max_tokens are
 spent closing the JSON value (server/structured/closing.py): whenever the grammar allows a
 token that closes the open string, array or object, or ends the output, only those may be
-sampled; where it allows none (a required key, a value, a minLength), decoding is as usual.
-A model that would ramble inside a string until max_tokens then ends with a complete,
-valid value and finish_reason "stop" (the text is cut short, not truncated). Off (0) by
-default, as in OpenAI's API, where max_tokens cuts the output wherever it is.
+sampled; where a value must start, the shortest one the grammar allows (`""`, `0`, `null`,
+...); elsewhere (a required key, a minLength) decoding goes on. A model that would ramble
+inside a string until max_tokens then ends with a complete, valid value and finish_reason
+"stop" (the text is cut short, not truncated). The same rule takes over early when the
+output loops (the same tokens again and again: server/engine/constrain.py).
+Unset (None), the budget is derived from max_tokens (`default_close_within`); 0 opts out,
+and max_tokens then cuts the output wherever it is, as in OpenAI's API.
 
 `strict` is accepted and has no effect: every schema is enforced in full or refused.
 """
@@ -61,21 +64,23 @@ class ConstraintSpec:
                 them, so {"a","b"} and {"b","a"} are different grammars).
     whitespace: "compact" or "flexible"; only meaningful for kind "json".
     name:       json_schema.name, used in error messages.
-    close_within: closing budget in tokens (see above); not part of the grammar.
+    close_within: closing budget in tokens (see above), None = derived from max_tokens; not
+                part of the grammar.
     """
     kind: str
     source: str
     whitespace: str = "compact"
     name: str = ""
-    close_within: int = 0
+    close_within: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise GrammarError(f"constraint kind must be one of {KINDS}, got {self.kind!r}")
         if self.whitespace not in WHITESPACE:
             raise GrammarError(f"whitespace must be one of {WHITESPACE}, got {self.whitespace!r}")
-        if isinstance(self.close_within, bool) or not isinstance(self.close_within, int) \
-                or not 0 <= self.close_within <= MAX_CLOSE_WITHIN:
+        if self.close_within is not None and (isinstance(self.close_within, bool)
+                                              or not isinstance(self.close_within, int)
+                                              or not 0 <= self.close_within <= MAX_CLOSE_WITHIN):
             raise GrammarError(f"close_within must be an integer in 0..{MAX_CLOSE_WITHIN}, "
                                f"got {self.close_within!r}")
         if self.close_within and self.kind != "json":
@@ -88,6 +93,14 @@ class ConstraintSpec:
         """Hash of everything that changes the compiled grammar (not the name)."""
         text = "\0".join((self.kind, self.whitespace, self.source))
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def default_close_within(max_tokens: int) -> int:
+    """The closing budget of a JSON constraint that names none: a quarter of max_tokens, at
+    least 16 and at most 64 (closing a few levels of nesting, a string and the required keys
+    left takes a dozen tokens or more); with max_tokens of 16 or less the whole output closes
+    (the shortest value the schema allows)."""
+    return max(16, min(64, max_tokens // 4))
 
 
 def canonical_json(value: Any) -> str:

@@ -17,7 +17,6 @@ def test_unknown_fields_are_ignored():
 @pytest.mark.parametrize("patch, field", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"logit_bias": {"42": 5}}, "logit_bias"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
 ])
@@ -27,6 +26,15 @@ def test_fields_not_implemented_are_named_not_ignored(patch, field):
     off = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "tool_choice": "none",
                                                 "logit_bias": {}, "function_call": None})
     assert off.refused_fields() == []
+
+
+def test_logit_bias_is_parsed_into_token_id_pairs():
+    r = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "logit_bias": {"42": 5, "7": -100.0}})
+    assert r.refused_fields() == [] and r.logit_bias_pairs() == ((42, 5.0), (7, -100.0))
+    for key in ("x", "-1", "1.5", " 3", ""):
+        with pytest.raises(ValueError, match="token ids"):
+            ChatCompletionRequest.model_validate({"model": "m", "messages": MSG,
+                                                  "logit_bias": {key: 1}}).logit_bias_pairs()
 
 
 def test_completion_fields_not_implemented():

@@ -106,7 +106,13 @@ def test_stream_text_equals_non_stream_text(client, base_id, model):
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finals == [full.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert chunks[-1].choices == []
+    usage, want = chunks[-1].usage, full.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == \
+        (want.prompt_tokens, want.completion_tokens, want.total_tokens)
+    # the second request's prompt is served from the prefix cache; the text is the same
+    assert usage.prompt_tokens_details.cached_tokens >= want.prompt_tokens_details.cached_tokens
+    assert usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_n_choices_with_seed(client, base_id):
@@ -156,6 +162,25 @@ def test_chat_logprobs(client, base_id):
         assert bytes(item.bytes).decode("utf-8", errors="replace") == item.token
 
 
+def test_logit_bias_forces_and_bans_tokens(client, hf, base_id):
+    tok, _ = hf
+    banana = tok.encode(" banana", add_special_tokens=False)[0]
+    prompt = "The capital of France is"
+    forced = client.completions.create(model=base_id, prompt=prompt, max_tokens=3, temperature=0,
+                                       logit_bias={str(banana): 100})
+    assert forced.choices[0].text == " banana" * 3
+    free = client.completions.create(model=base_id, prompt=prompt, max_tokens=1, temperature=0, logprobs=0)
+    first = free.choices[0].logprobs.tokens[0]
+    first_id = tok.encode(first, add_special_tokens=False)[0]
+    banned = client.chat.completions.create(
+        model="acme-support", messages=[{"role": "user", "content": prompt}], max_tokens=1, temperature=0,
+        logit_bias={str(first_id): -100}, logprobs=True)
+    assert banned.choices[0].logprobs.content[0].token != first
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=base_id, prompt=prompt, max_tokens=1, logit_bias={"42": 101})
+    assert e.value.body["param"] == "logit_bias"
+
+
 def test_json_schema_through_an_adapter(client):
     schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
               "properties": {"name": {"type": "string", "maxLength": 8},
@@ -169,22 +194,37 @@ def test_json_schema_through_an_adapter(client):
 
 
 def test_close_within_turns_a_cut_off_json_value_into_a_complete_one(client, base_id):
-    """The same greedy request, cut at max_tokens without a closing budget, closed with one."""
+    """The same greedy request, cut at max_tokens when the client opts out of the closing
+    budget (close_within 0), closed with the default budget and with one it names."""
     schema = {"type": "object", "required": ["title", "story", "tags"],
               "properties": {"title": {"type": "string"}, "story": {"type": "string"},
                              "tags": {"type": "array", "items": {"type": "string"}}}}
     rf = {"type": "json_schema", "json_schema": {"name": "story", "schema": schema}}
     msg = [{"role": "user", "content": "Write a very long story about a dragon as JSON."}]
     cut = client.chat.completions.create(model=base_id, messages=msg, max_tokens=16, temperature=0,
-                                         response_format=rf)
-    closed = client.chat.completions.create(model=base_id, messages=msg, max_tokens=16, temperature=0,
-                                            response_format=rf,
-                                            extra_body={"structured_outputs": {"close_within": 14}})
+                                         response_format=rf,
+                                         extra_body={"structured_outputs": {"close_within": 0}})
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 16
     with pytest.raises(json.JSONDecodeError):
         json.loads(cut.choices[0].message.content)
-    assert closed.choices[0].finish_reason == "stop" and closed.usage.completion_tokens <= 16
-    jsonschema.validate(json.loads(closed.choices[0].message.content), schema)
+    for extra in ({}, {"structured_outputs": {"close_within": 14}}):
+        closed = client.chat.completions.create(model=base_id, messages=msg, max_tokens=16, temperature=0,
+                                                response_format=rf, extra_body=extra)
+        assert closed.choices[0].finish_reason == "stop" and closed.usage.completion_tokens <= 16, extra
+        jsonschema.validate(json.loads(closed.choices[0].message.content), schema)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 200])
+def test_a_looping_json_object_ends_parseable(client, base_id, max_tokens):
+    """The prompt that loops (`"fur":"fur",...`) under json_object at temperature 0: with no
+    max_tokens the request is capped and the loop detected, so it ends with an object that
+    parses, far before the context limit; so does it within max_tokens 200."""
+    extra = {} if max_tokens is None else {"max_tokens": max_tokens}
+    r = client.chat.completions.create(model=base_id, temperature=0, response_format={"type": "json_object"},
+                                       messages=[{"role": "user", "content": "Describe a cat as JSON."}], **extra)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    assert r.usage.completion_tokens <= (max_tokens or 1024)
 
 
 def _ids(url: str, tenant: str) -> list[str]:

@@ -6,7 +6,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.offline import generate
-from server.engine.request import FinishReason, Request, SamplingParams
+from server.engine.request import FinishReason, Request, SamplingParams, SamplingParamsError
 from server.errors import AdapterError, PromptTooLongError
 from server.lora.adapter import TARGETS, LoraArch, write_random_adapter
 
@@ -111,6 +111,47 @@ def test_abort_and_errors_leave_no_blocks(engine):
     with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
         engine.add_request(Request(list(ids), SamplingParams(), adapter="nope"))
     assert not engine.has_unfinished() and engine.snapshot().kv_blocks_used == 0
+
+
+def test_logit_bias_forces_and_bans_tokens_and_never_beats_the_grammar(engine):
+    import dataclasses
+    import json
+
+    from server.structured.grammar import GrammarCompiler, new_matcher
+    from server.structured.spec import ConstraintSpec
+    tok = engine.tokenizer
+    ids = tok.encode("The capital of France is")
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    free = generate(engine, [ids], params)[0]
+    banana = tok.encode(" banana")[0]
+    assert banana not in free.token_ids
+    forced = generate(engine, [ids], dataclasses.replace(params, logit_bias=((banana, 100.0),)))[0]
+    assert forced.token_ids == [banana] * 4
+    first = free.token_ids[0]
+    banned = generate(engine, [ids], dataclasses.replace(params, logit_bias=((first, -100.0),)))[0]
+    assert first not in banned.token_ids and banned.token_ids != free.token_ids
+    with pytest.raises(SamplingParamsError, match="logit_bias"):
+        engine.add_request(Request(list(ids), dataclasses.replace(params, logit_bias=((tok.vocab_size, 1.0),))))
+    # the grammar mask comes after the bias: +100 on a token compact JSON never allows (a
+    # newline) changes nothing in a constrained output, while an unconstrained one takes it
+    newline = tok.encode("\n")[-1]
+    assert tok.decode([newline]) == "\n"
+    bias = ((newline, 100.0),)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}
+    compiled = GrammarCompiler(tok.hf).compile(ConstraintSpec("json", json.dumps(schema)))
+    chat = tok.encode_chat([{"role": "user", "content": "Describe Paris as JSON."}])
+    loose = generate(engine, [chat], dataclasses.replace(params, max_tokens=3, logit_bias=bias))[0]
+    assert loose.token_ids == [newline] * 3
+    req = Request(list(chat), SamplingParams(max_tokens=40, temperature=0.0, logit_bias=bias),
+                  constraint=new_matcher(compiled))
+    text, ids2 = "", []
+    engine.add_request(req)
+    while engine.has_unfinished():
+        for o in engine.step():
+            text += o.new_text
+            ids2 += o.new_token_ids
+    assert newline not in ids2 and isinstance(json.loads(text)["city"], str)
 
 
 def test_grammar_constraint_gives_valid_json(engine):

@@ -118,3 +118,23 @@ def test_top_k_past_the_vocabulary_keeps_everything():
     x = torch.randn(2, 50)
     out = _filter_top_k_top_p(x, [SamplingParams(top_k=10**30), SamplingParams(top_k=50)])
     assert torch.equal(out, x)
+
+
+def test_logit_bias_adds_to_its_row_only_and_is_validated():
+    import pytest
+
+    from server.engine.request import SamplingParamsError
+    from server.engine.sampler import apply_logit_bias
+    x = logits(3, 20)
+    biased = x.clone()
+    params = [SamplingParams(), SamplingParams(logit_bias=((4, 100.0), (7, -2.5), (4, 0.5))), SamplingParams()]
+    apply_logit_bias(biased, params)
+    expected = x.clone()
+    expected[1, 4] += 100.5          # repeated ids add up
+    expected[1, 7] -= 2.5
+    assert torch.equal(biased, expected)
+    for bad in (((1, 100.01),), ((1, -101.0),), ((-1, 1.0),), ((1, float("nan")),), (("1", 1.0),),
+                tuple((i, 1.0) for i in range(1025))):
+        with pytest.raises(SamplingParamsError) as e:
+            SamplingParams(logit_bias=bad)
+        assert e.value.param == "logit_bias"

@@ -78,6 +78,9 @@ def numeric_cases() -> list[Case]:
             for v in (21, -1)]
     out += [Case(f"close_within={v}", _chat(structured_outputs={"json_object": True, "close_within": v}))
             for v in (-1, 4097, 10**12)]
+    out += [Case(f"logit_bias={v!r}", _raw(logit_bias=v)) for v in
+            ({"42": 100.5}, {"42": -101}, {"42": nan}, {"42": inf}, {"x": 1}, {"-3": 1}, {"999999": 1},
+             {str(i): 1 for i in range(1025)})]
     return out
 
 
@@ -104,7 +107,6 @@ def unsupported_cases() -> list[Case]:
     """Fields this server does not implement: refused, never ignored."""
     return [Case("tools", _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])),
             Case("tool_choice required", _chat(tool_choice="required")),
-            Case("logit_bias", _chat(logit_bias={"42": 100})),
             Case("functions", _chat(functions=[{"name": "f"}])),
             Case("top_logprobs without logprobs", _chat(top_logprobs=2)),
             Case("echo", {"model": "base", "prompt": "x", "echo": True}, COMPLETIONS),

@@ -11,6 +11,8 @@ def test_closing_tokens_split_string_closers_from_container_closers(hf_tokenizer
     in_string = {hf_tokenizer.decode([i]) for i in closing.in_string.tolist()}
     outside = {hf_tokenizer.decode([i]) for i in closing.outside.tolist()}
     assert '"' in in_string and all(t.startswith('"') and set(t) <= set('"]}') for t in in_string)
+    onward = {hf_tokenizer.decode([i]) for i in closing.string_on.tolist()}
+    assert '","' in onward and all(t.startswith('"') and set(t) & set(",:") for t in onward)
     assert {"}", "]"} <= outside and all(t and set(t) <= set("]}") for t in outside)
 
 
@@ -53,6 +55,7 @@ def test_close_row_inside_a_free_string_keeps_only_string_closers(compiler, hf_t
     close_row(row, m, '{"a":"some text')
     kept = {hf_tokenizer.decode([i]) for i in torch.nonzero(torch.isfinite(row)).flatten().tolist()}
     assert kept and '"' in kept and all(t.startswith('"') for t in kept)   # "}" is string content here
+    assert all(set(t) <= set('"]}') for t in kept)     # never `","`: that would open a new member
 
 
 def test_close_row_outside_strings_closes_the_object_then_ends(compiler, hf_tokenizer):
@@ -88,3 +91,59 @@ def test_lookahead_never_offers_a_backslash(hf_tokenizer):
     from server.structured.closing import ClosingTokens
     singles = {hf_tokenizer.decode([i]) for i in ClosingTokens.build(hf_tokenizer).single_char.tolist()}
     assert "Z" in singles and ":" in singles and "\\" not in singles and '"' not in singles
+
+
+def test_short_value_starts_are_the_vocabularys_own_tokens(hf_tokenizer):
+    from server.structured.closing import SHORT_STARTS, ClosingTokens
+    starts = [hf_tokenizer.decode([i]) for i in ClosingTokens.build(hf_tokenizer).starts.tolist()]
+    assert starts == [t for t in SHORT_STARTS if t in starts] and {'"', "0", "{", "["} <= set(starts)
+
+
+@pytest.mark.parametrize("schema, text, want", [
+    ({"type": "object"}, '{"fur":', '""'),                                   # any value: the empty string
+    ({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, '{"n":', "0"),
+    ({"type": "object", "properties": {"v": {"type": ["boolean", "null"]}}, "required": ["v"]}, '{"v":', "null"),
+    ({"type": "object", "properties": {"xs": {"type": "array"}}, "required": ["xs"]}, '{"xs":', "["),  # no "[]" token here
+])
+def test_close_row_starts_the_shortest_value_where_one_must_start(compiler, hf_tokenizer, schema, text, want):
+    """Where a value must start, the shortest start the grammar allows is the one token kept,
+    whatever the model prefers (here a new object, or more text)."""
+    from server.structured.closing import close_row
+    m, row = _masked_row(compiler, hf_tokenizer, schema, text, ["{", "Ġ1"])
+    close_row(row, m, text)
+    kept = torch.nonzero(torch.isfinite(row)).flatten().tolist()
+    assert [hf_tokenizer.decode([i]) for i in kept] == [want]
+
+
+def test_close_row_leaves_a_forced_token_alone(compiler, hf_tokenizer):
+    """After a key only `:` may come: no closer, no value start; the row is unchanged."""
+    from server.structured.closing import close_row
+    m, row = _masked_row(compiler, hf_tokenizer, {"type": "object"}, '{"fur"', [])
+    before = row.clone()
+    close_row(row, m, '{"fur"')
+    assert torch.equal(row, before)
+
+
+def test_close_row_ends_a_number_with_a_comma_not_more_digits(compiler, hf_tokenizer):
+    """Mid-number with a required member still to come: `,` (toward it), never another `0`."""
+    from server.structured.closing import close_row
+    schema = {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "integer"}},
+              "required": ["x", "y"]}
+    text = '{"x":1.000'
+    m, row = _masked_row(compiler, hf_tokenizer, schema, text, ["0", "00"])
+    close_row(row, m, text)
+    kept = torch.nonzero(torch.isfinite(row)).flatten().tolist()
+    assert [hf_tokenizer.decode([i]) for i in kept] == [","]
+
+
+def test_close_row_closes_a_date_time_where_only_a_quote_comma_token_may_follow(compiler, hf_tokenizer):
+    """After `Z` the string may close, but with a required key to come the grammar allows
+    only the one token `","`: the lookahead must count it as closing."""
+    from server.structured.closing import close_row
+    schema = {"type": "object", "required": ["id"],
+              "properties": {"created": {"type": "string", "format": "date-time"}, "id": {"type": "string"}}}
+    text = '{"created":"2023-01-21T11:12:12.2000000000'
+    m, row = _masked_row(compiler, hf_tokenizer, schema, text, ["0", "00"])
+    close_row(row, m, text)
+    kept = torch.nonzero(torch.isfinite(row)).flatten().tolist()
+    assert [hf_tokenizer.decode([i]) for i in kept] == ["Z"]

@@ -44,7 +44,8 @@ def test_close_within_option():
     spec = parse_constraint({"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
                             {"close_within": 32, "whitespace": "flexible"})
     assert (spec.close_within, spec.whitespace, spec.name) == (32, "flexible", "t")
-    assert parse_constraint(None, {"json": SCHEMA}).close_within == 0
+    assert parse_constraint(None, {"json": SCHEMA}).close_within is None   # unset: derived from max_tokens
+    assert parse_constraint(None, {"json": SCHEMA, "close_within": 0}).close_within == 0   # opted out
     # not part of the grammar: the same compiled grammar serves every budget
     assert spec.cache_key == parse_constraint(None, {"json": SCHEMA, "whitespace": "flexible"}).cache_key
 
