@@ -111,31 +111,27 @@ def build_prompt(task: str, target_tokens: int, passages: list[str], rng: np.ran
     if budget < 40:
         return task
     header = "Here are some unrelated notes; ignore them.\n\n"
-    words: list[str] = []
-    used = len(header)
-    while used < budget:
-        for w in passages[int(rng.integers(0, len(passages)))].split():
-            if used >= budget:
-                break
-            words.append(w)
-            used += len(w) + 1
-    return f"{header}{' '.join(words)}\n\nNow the task: {task}"
+    return f"{header}{_notes(passages, budget - len(header), rng)}\n\nNow the task: {task}"
 
 
 def build_system_prompt(target_tokens: int, passages: list[str], rng: np.random.Generator) -> str:
     """A system message of about target_tokens tokens: house rules, then reference notes."""
     header = ("You are the assistant of a shipping company. Follow the house rules, answer from "
               "the reference notes below when they help, and keep answers short.\n\nReference notes:\n")
-    budget = target_tokens * CHARS_PER_TOKEN - len(header)
+    return header + _notes(passages, target_tokens * CHARS_PER_TOKEN - len(header), rng)
+
+
+def _notes(passages: list[str], chars: int, rng: np.random.Generator) -> str:
+    """Words of randomly drawn passages, in order, until about `chars` characters."""
     words: list[str] = []
     used = 0
-    while used < budget:
+    while used < chars:
         for w in passages[int(rng.integers(0, len(passages)))].split():
-            if used >= budget:
+            if used >= chars:
                 break
             words.append(w)
             used += len(w) + 1
-    return header + " ".join(words)
+    return " ".join(words)
 
 
 def adapter_labels(plans: list[PlannedRequest]) -> list[str]:
