@@ -151,9 +151,6 @@ class BlockPool:
         self._hash_of[block] = block_hash
         return True
 
-    def is_cached(self, block_hash: bytes) -> bool:
-        return block_hash in self._block_of
-
     def reset_cache(self) -> int:
         """Forget every cached block (held ones stay held, and are freed as usual); the number
         of blocks that were cached."""

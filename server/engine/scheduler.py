@@ -219,7 +219,7 @@ class Scheduler:
 
     def _admit(self, req: Request, hit: _Hit, n: int, out: SchedulerOutput) -> bool:
         """Move req to running with its cached blocks and blocks for n more tokens; False if
-        its adapter vanished."""
+        its adapter vanished, or got other weights since the lookup (it waits a step)."""
         self.waiting.remove(req)
         if req.adapter is not None:
             try:
@@ -227,13 +227,10 @@ class Scheduler:
             except AdapterError as e:   # unloaded by an admin call since request_resident
                 out.failed.append((req, e))
                 return False
-            if key != hit.adapter_key and hit.root is not None:   # reloaded since the lookup: no reuse
-                n = min(n + len(hit.blocks) * self.pool.block_size, self.pool.num_free * self.pool.block_size)
-                hit = _Hit()
-                if n == 0:
-                    self.store.unpin(req.adapter)
-                    self.waiting.appendleft(req)
-                    return False
+            if key != hit.adapter_key and hit.root is not None:   # reloaded since the lookup:
+                self.store.unpin(req.adapter)                     # look it up again next step
+                self.waiting.appendleft(req)
+                return False
         if hit.root is not None:
             label = req.adapter or ""
             self.cache_queries[label] = self.cache_queries.get(label, 0) + req.num_tokens

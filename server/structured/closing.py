@@ -120,9 +120,7 @@ def step_toward_closing(logits: torch.Tensor, matcher, candidates: torch.Tensor,
         twin.consume(token)
         bits = twin.llmatcher.compute_bitmask()                  # bytes, 1 bit per token, LSB first
         if any(bits[t >> 3] >> (t & 7) & 1 for t in closers if (t >> 3) < len(bits)):
-            keep = logits[token].clone()
-            logits.fill_(float("-inf"))
-            logits[token] = keep
+            _keep_only(logits, token)
             return True
     return False
 
@@ -153,8 +151,12 @@ def keep_first_allowed(logits: torch.Tensor, preferred: torch.Tensor) -> bool:
     allowed = torch.isfinite(logits[preferred])                  # (k,)
     if not bool(allowed.any()):
         return False
-    token = int(preferred[int(allowed.nonzero()[0])])
+    _keep_only(logits, int(preferred[int(allowed.nonzero()[0])]))
+    return True
+
+
+def _keep_only(logits: torch.Tensor, token: int) -> None:
+    """Refuse every token of the row (V,) but `token`, whose logit stays, in place."""
     keep = logits[token].clone()
     logits.fill_(float("-inf"))
     logits[token] = keep
-    return True
