@@ -22,6 +22,7 @@ class LoraBatch:
     _groups: list | None = field(default=None, init=False, repr=False, compare=False)
     _tables: "SegmentTables | None" = field(default=None, init=False, repr=False, compare=False)
     _plan: "LoraPlan | None" = field(default=None, init=False, repr=False, compare=False)
+    _row_ranks: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def any(self) -> bool:
@@ -53,13 +54,19 @@ class LoraBatch:
                                         self.token_slots.shape[0], self.token_slots.device)
         return self._plan
 
+    def row_ranks(self) -> torch.Tensor:
+        """The rank of each row's adapter, 0 for base-only rows: (T,) int64 on the rows' device,
+        as the CPU kernel takes it beside token_slots. Built once per step."""
+        if self._row_ranks is None:
+            ranks = [0] * self.token_slots.shape[0]
+            for st, en, rk in zip(self.seg_starts, self.seg_ends, self.seg_ranks):
+                ranks[st:en] = [rk] * (en - st)
+            self._row_ranks = torch.tensor(ranks, dtype=torch.int64, device=self.token_slots.device)
+        return self._row_ranks
+
     def tables(self) -> "SegmentTables":
         """The segment lists and per-row ranks as device tensors (one host->device copy per step)."""
         if self._tables is None:
-            n = self.token_slots.shape[0]
-            row_ranks = [0] * n
-            for st, en, rk in zip(self.seg_starts, self.seg_ends, self.seg_ranks):
-                row_ranks[st:en] = [rk] * (en - st)
             flat = torch.tensor([self.seg_starts, self.seg_ends, self.seg_slots, self.seg_ranks],
                                 dtype=torch.int32).reshape(4, len(self.seg_slots))  # (4, S)
             dev = self.token_slots.device
@@ -67,7 +74,7 @@ class LoraBatch:
             lens = [e - s for s, e in zip(self.seg_starts, self.seg_ends)]
             self._tables = SegmentTables(
                 seg_starts=flat[0], seg_ends=flat[1], seg_slots=flat[2], seg_ranks=flat[3],
-                token_ranks=torch.tensor(row_ranks, dtype=torch.int32, device=dev),
+                token_ranks=self.row_ranks().to(torch.int32),
                 max_seg_len=max(lens, default=0), mean_seg_len=sum(lens) / max(len(lens), 1))
         return self._tables
 
@@ -140,10 +147,6 @@ class LoraPlan:
     183 -> 63 ms of LoRA per step)."""
     blocks: list[PaddedBlock]
     groups: list[tuple[int, int, slice | torch.Tensor]]   # (slot, rank, rows) of the big groups
-    # the rows of the small groups as the CPU kernel takes them: slot and rank of each row,
-    # -1 / 0 for rows of big groups or without an adapter (T,) int64 each
-    row_slots: torch.Tensor | None = None
-    row_ranks: torch.Tensor | None = None
 
     @staticmethod
     def build(starts: list[int], ends: list[int], slots: list[int], ranks: list[int],
@@ -172,13 +175,7 @@ class LoraPlan:
                 else:
                     runs.append([slot])
             blocks.extend(_block(run, rank, rows_of, num_rows, device) for run in runs)
-        row_slot, row_rank = [-1] * num_rows, [0] * num_rows
-        for rank, rank_slots in small.items():
-            for slot in rank_slots:
-                for r in rows_of[slot]:
-                    row_slot[r], row_rank[r] = slot, rank
-        both = torch.tensor([row_slot, row_rank], dtype=torch.int64).to(device)  # (2, T)
-        return LoraPlan(blocks, groups, both[0], both[1])
+        return LoraPlan(blocks, groups)
 
 
 def _block(run: list[int], rank: int, rows_of: dict[int, list[int]], num_rows: int,

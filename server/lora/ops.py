@@ -18,10 +18,11 @@ its adapter's A and B in every linear, 20 MB per r=16 adapter on SmolLM2-135M (f
 seven modules), so 32 distinct adapters stream 625 MB per step. The bmm pairs run at about
 9-12 GB/s on one core here; more threads measured slower (OpenMP wake-ups per op).
 
-On a CPU with the project's kernels (server/cpu_kernel.py) the float32 backend runs the
-small groups (decode rows) in C on every thread, each row reading its own adapter's A and B
-once, and the big groups as the reference does: the decode-time LoRA is no longer held to
-one thread (32 distinct adapters at batch 32: see the decode-step work's closing note).
+On a CPU with the project's kernels (server/cpu_kernel.py) the float32 backend runs every
+row in C on the process's threads, each row reading its own adapter's A and B (from cache
+when rows share an adapter): one call per linear, whatever the mix of decode and prefill
+rows. Nothing sets torch's thread count per call: the torch reference runs on the process's
+threads too, and stays the fallback (no C compiler, other dtypes) and the oracle in tests.
 
 The backend (torch, CPU kernel or Triton) is chosen once at start-up by `select_backend`,
 never per call; the torch reference is the oracle in tests.
@@ -29,7 +30,6 @@ never per call; the torch reference is the oracle in tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from contextlib import contextmanager
 from functools import partial
 from typing import Callable
 
@@ -71,29 +71,7 @@ def apply(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, lora: L
           y: torch.Tensor) -> torch.Tensor:
     """expand(shrink(x)) as the step's LoraPlan says: small groups (decode rows) in padded
     blocks, one bmm pair per block over a run of slots; big groups (prefill) one matmul pair
-    each, sliced to their rank (h never materialised for the whole batch).
-
-    The ops run on one thread: each is a few microseconds of work, and waking sleeping
-    OpenMP workers (OMP_WAIT_POLICY=PASSIVE) for every one of them cost more than the work
-    (8 adapters at batch 32 on 2 cores: 1.19 s per decode step with 2 threads, 0.31 s with 1).
-    """
-    with _one_thread():
-        return _apply_plan(x, a_stack, b_stack, lora, y)
-
-
-@contextmanager
-def _one_thread():
-    """torch ops on one thread inside, the caller's thread count back after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _apply_plan(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, lora: LoraBatch,
-                y: torch.Tensor) -> torch.Tensor:
+    each, sliced to their rank (h never materialised for the whole batch)."""
     plan = lora.plan()
     d_in, d_out = x.shape[1], y.shape[1]
     for blk in plan.blocks:
@@ -130,20 +108,15 @@ def _apply_groups(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
 
 def apply_cpu_kernel(kernel, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, lora: LoraBatch,
                      y: torch.Tensor) -> torch.Tensor:
-    """expand(shrink(x)) with the small groups (decode rows) on the CPU kernel, each row reading
-    its own adapter's A and B on all threads, and the big groups (prefill) as in `apply`."""
+    """expand(shrink(x)) on the CPU kernel for every row with an adapter, each row reading its
+    own adapter's A and B, rows split across the process's threads; shapes the kernel cannot
+    take go to `apply`."""
     bt = b_stack.transpose(1, 2)  # (S, r_max, d_out), contiguous in the slots' layout
     fits = (x.shape[1] % 16 == 0 and y.shape[1] % 16 == 0 and a_stack.is_contiguous() and bt.is_contiguous()
             and x.stride(1) == 1 and y.stride(1) == 1 and x.dtype == y.dtype == a_stack.dtype == torch.float32)
     if not fits:
         return apply(x, a_stack, b_stack, lora, y)
-    plan = lora.plan()
-    if plan.blocks:
-        kernel.lora_rows(x, a_stack, bt, plan.row_slots, plan.row_ranks, y)  # (T, d_out) in place
-    if plan.groups:
-        with _one_thread():
-            _apply_groups(x, a_stack, b_stack, plan.groups, y)
-    return y
+    return kernel.lora_rows(x, a_stack, bt, lora.token_slots, lora.row_ranks(), y)  # (T, d_out) in place
 
 
 def _unfused(shrink_fn, expand_fn):

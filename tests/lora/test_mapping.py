@@ -1,5 +1,6 @@
 """server/lora/mapping.py: segments from per-row slots, slot groups and device tables."""
 import pytest
+import torch
 
 from server.lora.mapping import LoraBatch
 
@@ -20,6 +21,8 @@ def test_slot_groups_and_tables():
     assert t.seg_starts.tolist() == [0, 3, 4, 5] and t.seg_ends.tolist() == [2, 4, 5, 7]
     assert t.seg_slots.tolist() == [2, 0, 2, 1] and t.seg_ranks.tolist() == [8, 4, 8, 16]
     assert t.token_ranks.tolist() == [8, 8, 0, 4, 8, 16, 16]
+    assert lora.row_ranks().tolist() == [8, 8, 0, 4, 8, 16, 16] and lora.row_ranks().dtype == torch.int64
+    assert lora.row_ranks() is lora.row_ranks()    # built once per step
     assert t.max_seg_len == 2 and t.mean_seg_len == pytest.approx(6 / 4)
     empty = LoraBatch.from_row_slots([-1, -1], [0, 0], "cpu")
     assert not empty.any and empty.tables().seg_slots.numel() == 0

@@ -62,8 +62,8 @@ def test_select_backend():
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("seq_lens", [[1] * 9, [1] * 33, [5, 1, 7, 3, 1, 2]], ids=["decode", "decode33", "prefill"])
 def test_cpu_kernel_backend_matches_fp64_loop(pattern, seq_lens):
-    """The CPU kernel backend (decode rows in C on every thread, big groups as the reference
-    does) against the fp64 loop, in the slots' own layout (B stored r-major)."""
+    """The CPU kernel backend (every row in C, decode and prefill rows alike) against the fp64
+    loop, in the slots' own layout (B stored r-major)."""
     d_in, d_out = 48, 32   # the kernel takes multiples of 16
     g = torch.Generator().manual_seed(7)
     a = torch.randn(S, R_MAX, d_in, generator=g)                                 # (S, r_max, d_in)
@@ -79,29 +79,6 @@ def test_cpu_kernel_backend_matches_fp64_loop(pattern, seq_lens):
     # shapes the kernel cannot take go to the reference, with the same result
     torch.testing.assert_close(backend.apply(x[:, :40], a[:, :, :40].contiguous(), b, lora, y0.clone()).double(),
                                loop_reference(x[:, :40], a[:, :, :40], b, lora, y0), atol=1e-4, rtol=1e-4)
-
-
-def test_apply_runs_single_threaded_and_restores_the_thread_count(monkeypatch):
-    """The small per-group ops run on one thread; the caller's thread count comes back after."""
-    a, b = _stacks(1)
-    lora = make_batch(PATTERNS[0], [1] * 9, S, SLOT_RANKS, seed=3)
-    x = torch.randn(lora.token_slots.shape[0], D_IN)
-    y0 = torch.randn(lora.token_slots.shape[0], D_OUT)
-    seen = []
-    real = ops._apply_plan
-
-    def spy(*args):
-        seen.append(torch.get_num_threads())
-        return real(*args)
-    monkeypatch.setattr(ops, "_apply_plan", spy)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = ops.apply(x, a, b, lora, y0.clone())
-        assert seen == [1] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(out.double(), loop_reference(x, a, b, lora, y0), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS + ("shared4",))
@@ -131,3 +108,23 @@ def test_plan_path_matches_fp64_loop_with_many_slots(pattern, seq_lens):
     y0 = torch.randn(T, d_out, generator=g)
     out = ops.apply(x, a, b, lora, y0.clone())
     torch.testing.assert_close(out.double(), loop_reference(x, a, b, lora, y0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu-kernel"])
+def test_no_backend_sets_the_thread_count_per_call(backend, monkeypatch):
+    """The thread policy is the process's, chosen at start-up: a LoRA call never switches
+    torch's thread count (it used to, twice per linear, ~420 times a step)."""
+    ops_ = ops.TORCH_OPS if backend == "torch" else ops.select_backend("cpu")
+    assert ops_.name == backend
+    d_in, d_out = 48, 32
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(S, R_MAX, d_in, generator=g)
+    b = torch.randn(S, R_MAX, d_out, generator=g).transpose(1, 2)
+    lora = make_batch(PATTERNS[-1], [5, 1, 7, 3, 1, 2], S, SLOT_RANKS, seed=2)
+    x = torch.randn(lora.token_slots.shape[0], d_in, generator=g)
+
+    def refuse(n):
+        raise AssertionError(f"set_num_threads({n}) inside a LoRA call")
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    y = ops_.apply(x, a, b, lora, torch.zeros(x.shape[0], d_out))
+    assert y.abs().sum() > 0
