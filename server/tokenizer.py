@@ -54,15 +54,22 @@ class Tokenizer:
         """Plain text -> ids (the tokenizer's own special tokens, e.g. BOS, are added)."""
         return list(self.hf.encode(text))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Chat messages -> ids through the model's chat template, ready for the assistant turn."""
-        text = self.apply_chat_template(messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and tools, for a template that takes them) -> ids through the model's
+        chat template, ready for the assistant turn."""
+        text = self.apply_chat_template(messages, tools)
         return list(self.hf.encode(text, add_special_tokens=False))
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (Qwen's, Llama 3.1's, ...)."""
+        template = getattr(self.hf, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         if not getattr(self.hf, "chat_template", None):
             raise ModelLoadError(f"the tokenizer in {self.path} has no chat template")
-        return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)

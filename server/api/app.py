@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
-from server.api import admin_routes, errors, openai_routes
+from server.api import admin_routes, errors, openai_routes, responses_routes
 from server.api.body_limit import BodyLimit
 from server.api.auth import KeyTable
 from server.api.state import ServerState, base_model_id
@@ -106,6 +106,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.state.server = state
     errors.install(app)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     app.include_router(admin_routes.router)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
     app.add_middleware(RequestGate, state=state)   # outermost: request ids reach every answer

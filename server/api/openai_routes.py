@@ -25,8 +25,10 @@ from server.api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, 
 from server.api.render import SSE_DONE, TokenText, chat_logprobs, completion_logprobs, sse
 from server.api.requests import build_requests
 from server.api.state import ServerState, valid_adapter_name
+from server.api.tool_calls import StreamedCalls, active_tools, template_inputs, tool_spec, whole_output
 from server.errors import ModelLoadError
 from server.structured.grammar import new_matcher, parse_constraint
+from server.structured.spec import CLOSABLE
 
 log = logging.getLogger("loraplex.api")
 router = APIRouter()
@@ -48,12 +50,14 @@ async def resolve_model(state: ServerState, who: Principal, model: str) -> str |
 
 async def _constraints(state: ServerState, body: SamplingRequest, count: int) -> list:
     """One matcher per choice, or [] when the request has no constraint."""
-    spec = parse_constraint(body.response_format, body.structured_outputs)
+    spec = tool_spec(body) if isinstance(body, ChatCompletionRequest) else None
+    if spec is None:
+        spec = parse_constraint(body.response_format, body.structured_outputs)
     if spec is None:
         return []
     compiled = await state.compiler.compile_async(spec)
     # an unset closing budget is resolved from each request's max_tokens (api/requests.py)
-    close = spec.close_within if spec.close_within is not None or spec.kind == "json" else 0
+    close = spec.close_within if spec.close_within is not None or spec.kind in CLOSABLE else 0
     return [new_matcher(compiled, close) for _ in range(count)]
 
 
@@ -75,7 +79,7 @@ def _check_length(state: ServerState, chars: int, param: str) -> None:
                               f"{limit} tokens can hold", "invalid_request_error", param, "context_length_exceeded")
 
 
-async def _prepare(request: Request, body: SamplingRequest, prompts_of, chars: int,
+async def prepare(request: Request, body: SamplingRequest, prompts_of, chars: int,
                    param: str) -> tuple[ServerState, Generation]:
     """Check everything cheap first, then tokenize (off the event loop) and compile the grammar.
     chars: the characters of text the prompt holds (for the early length check)."""
@@ -97,7 +101,7 @@ async def _prepare(request: Request, body: SamplingRequest, prompts_of, chars: i
     return state, gen
 
 
-async def _until_disconnect(request: Request, work: asyncio.Task):
+async def until_disconnect(request: Request, work: asyncio.Task):
     """Await `work`; cancel it (aborting the engine requests) if the client goes away first."""
     while True:
         done, _ = await asyncio.wait({work}, timeout=_DISCONNECT_POLL_S)
@@ -133,44 +137,58 @@ async def _sse(gen: Generation, first: list[str], chunk_of, usage_chunk) -> Asyn
     yield SSE_DONE
 
 
-def _stream_response(lines: AsyncIterator[str]) -> StreamingResponse:
+def stream_response(lines: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(lines, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _encode_chat(tok, messages: list[dict]) -> list[int]:
+def encode_chat(tok, body: ChatCompletionRequest) -> list[int]:
+    messages, tools = template_inputs(body, tok.template_takes_tools)
     try:
-        return tok.encode_chat(messages)
+        return tok.encode_chat(messages, tools)
     except (jinja2.TemplateError, ModelLoadError) as e:   # e.g. roles the template refuses
         raise errors.invalid(f"the model's chat template cannot render these messages: {e}", "messages") from e
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
-    state, gen = await _prepare(request, body, lambda tok: [_encode_chat(tok, messages)],
-                                sum(len(m["content"]) for m in messages), "messages")
+    chars = sum(len(m.text()) + len(m.model_dump_json(include={"tool_calls"})) for m in body.messages)
+    chars += sum(len(t.model_dump_json()) for t in body.tools or [])
+    state, gen = await prepare(request, body, lambda tok: [encode_chat(tok, body)], chars, "messages")
     text = TokenText(state.engine.tokenizer.hf)
     rid = f"chatcmpl-{gen.request_id}"
+    tools_on = active_tools(body)[1] != "none"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        streams = {i: StreamedCalls() for i in range(len(gen.choices))} if tools_on else {}
 
         def chunk(d):
-            delta = ChatDelta(content=d.text) if d.text else ChatDelta()
-            return sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[ChatChunkChoice(
-                index=d.index, delta=delta, logprobs=chat_logprobs(text, d.logprobs),
-                finish_reason=d.finish_reason)]))
+            if not tools_on:
+                delta = ChatDelta(content=d.text) if d.text else ChatDelta()
+                return sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[ChatChunkChoice(
+                    index=d.index, delta=delta, logprobs=chat_logprobs(text, d.logprobs),
+                    finish_reason=d.finish_reason)]))
+            calls = streams[d.index]
+            deltas = calls.deltas(d.text, d.finish_reason is not None)
+            if not deltas and (d.logprobs or d.finish_reason is not None):
+                deltas = [ChatDelta()]
+            last = len(deltas) - 1
+            return "".join(sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[ChatChunkChoice(
+                index=d.index, delta=delta, logprobs=chat_logprobs(text, d.logprobs) if k == 0 else None,
+                finish_reason=calls.finish_reason(d.finish_reason) if k == last else None)]))
+                for k, delta in enumerate(deltas))
         first = [sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[
             ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]))
             for i in range(len(gen.choices))]
         usage = (lambda u: sse(ChatCompletionChunk(id=rid, model=gen.label, choices=[], usage=u))) \
             if include_usage else None
-        return _stream_response(_sse(gen, first, chunk, usage))
-    out = await _until_disconnect(request, asyncio.create_task(gen.collect()))
-    choices = [ChatChoice(index=i, message=AssistantMessage(content=d.text),
-                          logprobs=chat_logprobs(text, d.logprobs), finish_reason=d.finish_reason)
-               for i, d in sorted(out.items())]
+        return stream_response(_sse(gen, first, chunk, usage))
+    out = await until_disconnect(request, asyncio.create_task(gen.collect()))
+    choices = []
+    for i, d in sorted(out.items()):
+        content, calls, reason = whole_output(d.text, d.finish_reason) if tools_on else (d.text, None, d.finish_reason)
+        choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls),
+                                  logprobs=chat_logprobs(text, d.logprobs), finish_reason=reason))
     return JSONResponse(ChatCompletion(id=rid, model=gen.label, choices=choices, usage=_usage(gen)).model_dump())
 
 
@@ -196,7 +214,7 @@ def _completion_prompts(body: CompletionRequest):
 async def completions(body: CompletionRequest, request: Request):
     p = body.prompt
     chars = len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str))
-    state, gen = await _prepare(request, body, _completion_prompts(body), chars, "prompt")
+    state, gen = await prepare(request, body, _completion_prompts(body), chars, "prompt")
     text = TokenText(state.engine.tokenizer.hf)
     rid = f"cmpl-{gen.request_id}"
     if body.stream:
@@ -210,8 +228,8 @@ async def completions(body: CompletionRequest, request: Request):
                 index=d.index, text=d.text, logprobs=lp, finish_reason=d.finish_reason)]))
         usage = (lambda u: sse(Completion(id=rid, model=gen.label, choices=[], usage=u))) \
             if include_usage else None
-        return _stream_response(_sse(gen, [], chunk, usage))
-    out = await _until_disconnect(request, asyncio.create_task(gen.collect()))
+        return stream_response(_sse(gen, [], chunk, usage))
+    out = await until_disconnect(request, asyncio.create_task(gen.collect()))
     choices = [CompletionChoice(index=i, text=d.text, logprobs=completion_logprobs(text, d.logprobs, 0),
                                 finish_reason=d.finish_reason) for i, d in sorted(out.items())]
     return JSONResponse(Completion(id=rid, model=gen.label, choices=choices, usage=_usage(gen)).model_dump())

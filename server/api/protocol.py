@@ -11,50 +11,17 @@ checked by SamplingParams itself so there is one source of truth.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+from server.api.strict import StrictModel, invalid_unicode_at
+from server.api.tool_models import ToolCall, ToolCallDelta, ToolChoice, ToolDef
 
-
-def invalid_unicode_at(value: Any) -> str | None:
-    """The path ("messages.0.content") of the first string (or key) holding a lone surrogate
-    in a parsed JSON value, or None. One fast scan of the whole value first (the common case
-    is clean); the walk that names the path is iterative, so any depth is safe."""
-    try:
-        if not _SURROGATE.search(json.dumps(value, ensure_ascii=False, check_circular=False)):
-            return None
-    except (TypeError, ValueError, RecursionError):
-        pass                     # not plain JSON, or too deep to dump: walk it
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, str):
-            if _SURROGATE.search(v):
-                return path or "body"
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                key = str(k)
-                where = f"{path}.{_printable(key)}" if path else _printable(key)
-                if _SURROGATE.search(key):
-                    return where
-                stack.append((where, x))
-        elif isinstance(v, list):
-            stack.extend((f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v))
-    return None
-
-
-def _printable(key: str) -> str:
-    return key.encode("utf-8", "backslashreplace").decode("utf-8")[:64]
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+_Request = StrictModel
 
 
 MAX_MESSAGES = 4096     # a chat request's messages; checked before they are validated one by one
@@ -100,16 +67,14 @@ class SamplingRequest(_Body):
     cache_salt: str | None = Field(default=None, min_length=1)   # extension (vLLM's): own prefix-cache namespace
     user: str | None = None
     logit_bias: dict[str, float] | None = None     # token id (a decimal string) -> bias in [-100, 100]
-    # OpenAI fields not implemented: accepted only at their "off" value (see refused_fields)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    # OpenAI's deprecated function fields: accepted only at their "off" value (see refused_fields);
+    # chat takes `tools` instead
     functions: list[Any] | None = None
     function_call: Any = None
 
     def refused_fields(self) -> list[str]:
         """Fields given with a value this server does not implement (a 400 names them)."""
-        off = {"tools": ([], None), "functions": ([], None),
-               "tool_choice": (None, "none"), "function_call": (None, "none")}
+        off = {"functions": ([], None), "function_call": (None, "none")}
         return [name for name, values in off.items() if getattr(self, name) not in values]
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
@@ -136,6 +101,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None      # assistant: the calls it made
+    tool_call_id: str | None = None               # tool: the call this result answers
 
     def text(self) -> str:
         if self.content is None:
@@ -150,6 +117,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -171,9 +141,13 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    tools: list[Any] | None = None      # chat only: refused here unless empty
+    tool_choice: Any = None
 
     def refused_fields(self) -> list[str]:
         refused = super().refused_fields()
+        refused += [f for f, off in (("tools", ([], None)), ("tool_choice", (None, "none")))
+                    if getattr(self, f) not in off]
         if self.echo:
             refused.append("echo")
         if self.suffix:
@@ -240,7 +214,8 @@ class CompletionLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -263,6 +238,7 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

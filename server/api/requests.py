@@ -53,7 +53,8 @@ def build_requests(state: ServerState, body: SamplingRequest, prompts: list[list
         for i in range(body.n):
             index = p * body.n + i
             if constraints and constraints[index].close_within is None:
-                constraints[index].close_within = default_close_within(max_tokens)
+                constraints[index].close_within = (default_close_within(max_tokens)
+                                                   + constraints[index].close_reserve)
             params = SamplingParams(
                 max_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,

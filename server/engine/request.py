@@ -109,6 +109,7 @@ class Constraint(Protocol):
     Matcher is the implementation). Masks are batched: any member fills or applies them for
     the whole batch, whose members all come from one implementation."""
     close_within: int          # the last N tokens before max_tokens are spent closing the value (0: off)
+    close_reserve: int         # tokens a derived closing budget adds for this kind (a tool call's tags)
 
     def fill_masks(self, batch: list["Constraint"]) -> "torch.Tensor": ...   # int32 (n, W) allowed tokens
     def apply_masks(self, logits: "torch.Tensor", masks: "torch.Tensor") -> None: ...   # (n, V) in place

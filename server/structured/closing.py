@@ -6,9 +6,10 @@ Inside a request's closing budget the engine calls `close_row` on that row's mas
 1. Whenever the grammar allows a token that closes the open string (`"`, `"}`, `","` ...) or,
    outside strings, closes arrays and objects (`]`, `}` ...) or ends the output (EOS), only
    those tokens stay.
-2. Inside a string where none is allowed yet (a `format` or `pattern` not yet met), one token
-   of lookahead: the most likely allowed one-character token after which the string may
-   close (e.g. `Z` ending a date-time, `:` completing a URI scheme) is the only one kept.
+2. Inside a string where none is allowed yet (a `format` or `pattern` not yet met), a bounded
+   lookahead: the first token of a short path of one-character tokens after which the string
+   may close (e.g. `Z` ending a date-time, `:` completing a URI scheme, the rest of a
+   `mailto:` prefix) is the only one kept, and the path is followed on the next steps.
 3. Outside strings, where a value (or a key) must start, right after `:`, `[` or `,`: the
    shortest start the grammar allows (`""`, then `"`, `0`, `null`, `false`, `true`, `[]`,
    `{}`, `[`, `{`) is the only token kept, so the value ends in a token or two instead of
@@ -28,7 +29,9 @@ import torch
 
 CLOSING_CHARS = frozenset('"]}')
 STRUCTURAL_CHARS = frozenset('"]},:')        # what may follow a string's closing quote in one token
-LOOKAHEAD_CANDIDATES = 64
+LOOKAHEAD_CANDIDATES = 64    # tokens tried one step ahead, then
+LOOKAHEAD_DEPTH = 24         # a walk of at most this many tokens,
+LOOKAHEAD_FORKS = 1024       # trying at most this many grammar states
 SHORT_STARTS = ('""', '"', "0", "null", "false", "true", "[]", "{}", "[", "{")   # preferred first
 VALUE_START_AFTER = frozenset(":[,")       # compact JSON: a value or a key starts after these
 
@@ -105,24 +108,75 @@ def keep_closing(logits: torch.Tensor, closing_ids: torch.Tensor) -> bool:
 
 def step_toward_closing(logits: torch.Tensor, matcher, candidates: torch.Tensor,
                         closing_ids: torch.Tensor) -> bool:
-    """One token of lookahead: among the allowed `candidates`, most likely first (at most
-    LOOKAHEAD_CANDIDATES tried), the first after which the grammar allows a closing token
-    becomes the only token left, in place. logits: (V,) masked; matcher: server Matcher
-    (forked, never advanced) -> whether it applied."""
-    vals = logits[candidates]                                    # (k,)
-    allowed = torch.isfinite(vals)
-    if not bool(allowed.any()):
+    """Lookahead inside a string that cannot close yet: the first token of a short path of
+    one-character tokens after which the grammar allows a closing token (`plan_to_closing`)
+    becomes the only token left, in place. logits: (V,) masked; matcher: server Matcher (forked, never
+    advanced) -> whether it applied.
+
+    The path is searched once and followed on the next steps while the
+    matcher is where the plan expects it (each kept token is the only one left, so it is the
+    one sampled): a `mailto:` prefix, a date-time's last digits and its `Z`, the rest of a
+    24-digit hex id."""
+    plan = matcher.closing_plan
+    if plan and plan[0] == matcher.num_consumed and bool(torch.isfinite(logits[plan[1][0]])):
+        token = plan[1][0]
+        matcher.closing_plan = (plan[0] + 1, plan[1][1:]) if len(plan[1]) > 1 else None
+        _keep_only(logits, token)
+        return True
+    path = plan_to_closing(logits, matcher, candidates, closing_ids)
+    if not path:
         return False
-    order = vals[allowed].argsort(descending=True)[:LOOKAHEAD_CANDIDATES]
+    matcher.closing_plan = (matcher.num_consumed + 1, path[1:]) if len(path) > 1 else None
+    _keep_only(logits, path[0])
+    return True
+
+
+def plan_to_closing(logits: torch.Tensor, matcher, candidates: torch.Tensor,
+                    closing_ids: torch.Tensor) -> list[int] | None:
+    """Tokens from `candidates` (k,) that lead from the matcher's state to one where a token of
+    `closing_ids` is allowed, or None. Shortest first: a single token after which a closer is
+    allowed (among up to LOOKAHEAD_CANDIDATES, most likely first). Otherwise one walk of at
+    most LOOKAHEAD_DEPTH tokens that makes progress: at each step, the most likely allowed
+    candidate after which the grammar allows a different set of tokens (the pattern moved on:
+    `@` in an e-mail, `/` in a path) rather than the same again (`aaaa...`), or after which a
+    closer is allowed. At most LOOKAHEAD_FORKS grammar states are tried in all."""
+    vals = logits[candidates]                                    # (k,)
+    ranked = candidates[vals.argsort(descending=True, stable=True)].tolist()   # -inf ones last
     closers = closing_ids.tolist()
-    for token in candidates[allowed][order].tolist():
+
+    def allows(bits, ids) -> list[int]:
+        return [t for t in ids if (t >> 3) < len(bits) and bits[t >> 3] >> (t & 7) & 1]
+
+    def has_closer(bits) -> bool:
+        return any((t >> 3) < len(bits) and bits[t >> 3] >> (t & 7) & 1 for t in closers)
+    order = [t for t in ranked if bool(torch.isfinite(logits[t]))]
+    for token in order[:LOOKAHEAD_CANDIDATES]:
         twin = matcher.fork()
         twin.consume(token)
-        bits = twin.llmatcher.compute_bitmask()                  # bytes, 1 bit per token, LSB first
-        if any(bits[t >> 3] >> (t & 7) & 1 for t in closers if (t >> 3) < len(bits)):
-            _keep_only(logits, token)
-            return True
-    return False
+        if has_closer(twin.llmatcher.compute_bitmask()):
+            return [token]
+    state, bits, path, forks = matcher, matcher.llmatcher.compute_bitmask(), [], 0
+    for _ in range(LOOKAHEAD_DEPTH):
+        step = None
+        for token in allows(bits, ranked):
+            if forks >= LOOKAHEAD_FORKS:
+                return None
+            twin = state.fork()
+            twin.consume(token)
+            forks += 1
+            after = twin.llmatcher.compute_bitmask()
+            if has_closer(after):
+                return path + [token]
+            if after != bits:
+                step = (token, twin, after)
+                break
+            if step is None:
+                step = (token, twin, after)                      # no progress yet: the likeliest
+        if step is None:
+            return None
+        path.append(step[0])
+        state, bits = step[1], step[2]
+    return None
 
 
 def close_row(logits: torch.Tensor, matcher, text: str) -> None:

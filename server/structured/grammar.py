@@ -48,6 +48,7 @@ from server.structured.bitmask import apply_bitmask, fill_bitmasks
 from server.structured.closing import ClosingTokens
 from server.structured.matcher import Matcher
 from server.structured.spec import ConstraintSpec, parse_constraint
+from server.structured.tools import ToolSpec, tool_grammar
 
 __all__ = ["GrammarCompiler", "CompiledGrammar", "ConstraintSpec", "Matcher", "apply_bitmask",
            "fill_bitmasks", "new_matcher", "parse_constraint"]
@@ -71,7 +72,7 @@ def new_matcher(compiled: CompiledGrammar, close_within: int | None = 0) -> Matc
     """A fresh matcher at the grammar's start (a copy of the template: microseconds).
     close_within: the spec's closing budget (ConstraintSpec.close_within)."""
     return Matcher(compiled.template.deep_copy(), compiled.vocab_size, compiled.eos_token_id, close_within,
-                   compiled.closing)
+                   compiled.closing, tool_calls=compiled.spec.kind == "tools")
 
 
 class GrammarCompiler:
@@ -172,7 +173,7 @@ def _reusable(future: concurrent.futures.Future) -> bool:
 def _describe(spec: ConstraintSpec) -> str:
     if spec.kind == "json":
         return f"JSON schema {spec.name!r}" if spec.name else "JSON schema"
-    return {"regex": "regex", "choice": "choice list", "grammar": "Lark grammar"}[spec.kind]
+    return {"regex": "regex", "choice": "choice list", "grammar": "Lark grammar", "tools": "tool definitions"}[spec.kind]
 
 
 def _grammar_text(spec: ConstraintSpec) -> str:
@@ -183,6 +184,8 @@ def _grammar_text(spec: ConstraintSpec) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema(spec.source, defaults, _JSON_OVERRIDES)
         if spec.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(spec.source)
+        if spec.kind == "tools":
+            return llguidance.LLMatcher.grammar_from_lark(tool_grammar(ToolSpec.from_source(spec.source)))
         if spec.kind == "choice":
             literals = [json.dumps(c, ensure_ascii=False) for c in json.loads(spec.source)]
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(literals))

@@ -22,18 +22,25 @@ import torch
 from server.errors import GrammarError
 from server.structured.bitmask import apply_bitmask, fill_bitmasks
 from server.structured.closing import ClosingTokens, close_row
+from server.structured.tools import CALL_RESERVE, close_tool_row
 
 
 class Matcher:
     def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, eos_token_id: int,
-                 close_within: int | None = 0, closing: ClosingTokens | None = None) -> None:
+                 close_within: int | None = 0, closing: ClosingTokens | None = None,
+                 tool_calls: bool = False) -> None:
         self._inner = inner
         self.vocab_size = vocab_size          # bits in one mask row (the tokenizer's vocabulary)
         self.eos_token_id = eos_token_id
         # ConstraintSpec.close_within: the engine's closing budget (None until the API resolves it)
         self.close_within = close_within
         self.closing = closing                # the token sets that budget uses (structured/closing.py)
+        self.tool_calls = tool_calls          # a tool-call grammar: the closing rule reads calls
+        # a derived closing budget (api/requests.py) leaves room for a call's tags as well
+        self.close_reserve = CALL_RESERVE if tool_calls else 0
         self.num_consumed = 0
+        # the closing rule's lookahead path: (num_consumed it expects, tokens left), or None
+        self.closing_plan: tuple[int, list[int]] | None = None
 
     @property
     def llmatcher(self) -> llguidance.LLMatcher:
@@ -51,7 +58,10 @@ class Matcher:
     def close(self, logits: torch.Tensor, text: str) -> None:
         """Inside the closing budget: steer the row's masked logits (V,) toward ending the value;
         text: the output so far."""
-        close_row(logits, self, text)
+        if self.tool_calls:
+            close_tool_row(logits, self, text)
+        else:
+            close_row(logits, self, text)
 
     def consume(self, token_id: int) -> None:
         """Advance by one sampled token; GrammarError if the grammar does not allow it."""
@@ -72,7 +82,7 @@ class Matcher:
     def fork(self) -> Matcher:
         """An independent copy at the same position (compiled grammar shared, no recompile)."""
         twin = Matcher(self._inner.deep_copy(), self.vocab_size, self.eos_token_id, self.close_within,
-                       self.closing)
+                       self.closing, self.tool_calls)
         twin.num_consumed = self.num_consumed
         return twin
 

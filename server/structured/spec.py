@@ -43,11 +43,12 @@ from typing import Any
 
 from server.errors import GrammarError
 
-KINDS = ("json", "regex", "choice", "grammar")
+KINDS = ("json", "regex", "choice", "grammar", "tools")   # tools: server/structured/tools.py
 WHITESPACE = ("compact", "flexible")
 _CONSTRAINT_KEYS = ("json", "json_object", "regex", "choice", "grammar")
 _ANY_OBJECT = '{"type":"object"}'
 _OPTIONS = ("whitespace", "close_within")
+CLOSABLE = ("json", "tools")    # kinds the closing rule knows how to end
 MAX_CLOSE_WITHIN = 4096
 MAX_SCHEMA_DEPTH = 64      # nesting levels (objects and arrays) of a schema; llguidance stops near 100
 MAX_CHOICES = 1024           # llguidance parses at most 2000 items per row: one alternation of choices
@@ -83,7 +84,7 @@ class ConstraintSpec:
                                               or not 0 <= self.close_within <= MAX_CLOSE_WITHIN):
             raise GrammarError(f"close_within must be an integer in 0..{MAX_CLOSE_WITHIN}, "
                                f"got {self.close_within!r}")
-        if self.close_within and self.kind != "json":
+        if self.close_within and self.kind not in CLOSABLE:
             raise GrammarError(f"close_within applies to JSON constraints only, not to {self.kind!r}")
         if not isinstance(self.source, str):
             raise GrammarError(f"constraint source must be a string, got {type(self.source).__name__}")

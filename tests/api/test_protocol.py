@@ -15,8 +15,6 @@ def test_unknown_fields_are_ignored():
 
 
 @pytest.mark.parametrize("patch, field", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
 ])
@@ -43,6 +41,25 @@ def test_completion_fields_not_implemented():
     assert CompletionRequest.model_validate({**base, "suffix": "y"}).refused_fields() == ["suffix"]
     assert CompletionRequest.model_validate({**base, "best_of": 3}).refused_fields() == ["best_of"]
     assert CompletionRequest.model_validate({**base, "best_of": 2, "n": 2}).refused_fields() == []
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert CompletionRequest.model_validate({**base, "tools": tools}).refused_fields() == ["tools"]
+    assert CompletionRequest.model_validate({**base, "tool_choice": "auto"}).refused_fields() == ["tool_choice"]
+    assert CompletionRequest.model_validate({**base, "tools": [], "tool_choice": "none"}).refused_fields() == []
+
+
+@pytest.mark.parametrize("patch", [
+    {"tools": [{"type": "function", "function": {"name": "bad name"}}]},     # OpenAI's name rule
+    {"tools": [{"type": "retrieval"}]},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]},
+    {"tool_choice": "sometimes"},
+    {"tool_choice": {"type": "function"}},
+    {"parallel_tool_calls": "yes"},
+    {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                        "function": {"name": "f", "arguments": {}}}]}]},
+])
+def test_tool_fields_are_validated(patch):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **patch})
 
 
 @pytest.mark.parametrize("patch", [{"logprobs": "yes"}, {"logprobs": 1}, {"max_tokens": 1.5},

@@ -105,8 +105,9 @@ def type_cases() -> list[Case]:
 
 def unsupported_cases() -> list[Case]:
     """Fields this server does not implement: refused, never ignored."""
-    return [Case("tools", _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])),
-            Case("tool_choice required", _chat(tool_choice="required")),
+    return [Case("tools on completions", {"model": "base", "prompt": "x", "tools": [
+                 {"type": "function", "function": {"name": "f"}}]}, COMPLETIONS),
+            Case("tool_choice required without tools", _chat(tool_choice="required")),
             Case("functions", _chat(functions=[{"name": "f"}])),
             Case("top_logprobs without logprobs", _chat(top_logprobs=2)),
             Case("echo", {"model": "base", "prompt": "x", "echo": True}, COMPLETIONS),
@@ -234,5 +235,9 @@ def edge_inputs() -> list[Case]:
             Case("regex (a+)+$", so(regex="(a+)+$"), status=ok), Case("regex (x+x+)+y", so(regex="(x+x+)+y"), status=ok),
             Case("choice of 1024", so(choice=[f"c{i}" for i in range(1024)]), status=ok),
             Case("tools empty, tool_choice none", _chat(tools=[], tool_choice="none"), status=ok),
+            Case("tools, any arguments", _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                                               tool_choice="required"), status=ok),
+            Case("tools, named choice", _chat(tools=[{"type": "function", "function": {"name": "f"}}],
+                                              tool_choice={"type": "function", "function": {"name": "f"}}), status=ok),
             Case("unicode everywhere", _chat(messages=[{"role": "user", "content": "h\u00e9llo \U0001F600 \u0000 \u202e"}],
                                              stop=["\U0001F600"]), status=ok)]

@@ -147,3 +147,29 @@ def test_close_row_closes_a_date_time_where_only_a_quote_comma_token_may_follow(
     close_row(row, m, text)
     kept = torch.nonzero(torch.isfinite(row)).flatten().tolist()
     assert [hf_tokenizer.decode([i]) for i in kept] == ["Z"]
+
+
+def test_lookahead_follows_a_path_of_several_tokens_to_a_closing_point(compiler, hf_tokenizer):
+    """A pattern that needs several more characters before the string may close (`mailto:`
+    then one more): the rule keeps the first token of a path there, then follows the path;
+    one token of lookahead could not reach the closing point."""
+    from server.structured.bitmask import apply_bitmask, fill_bitmasks
+    from server.structured.closing import close_row
+    schema = {"type": "object", "properties": {"to": {"type": "string", "pattern": "^mailto:[a-z]+$"}},
+              "required": ["to"]}
+    text = '{"to":"'
+    m, row = _masked_row(compiler, hf_tokenizer, schema, text, [])
+    written = ""
+    for _ in range(12):
+        close_row(row, m, text + written)
+        kept = torch.nonzero(torch.isfinite(row)).flatten().tolist()
+        assert len(kept) >= 1
+        if any(hf_tokenizer.decode([k]).startswith('"') for k in kept):
+            break                                          # the string may close now, and does
+        assert len(kept) == 1
+        m.consume(kept[0])
+        written += hf_tokenizer.decode([kept[0]])
+        row = torch.zeros(1, len(hf_tokenizer))
+        apply_bitmask(row, fill_bitmasks([m]))
+        row = row[0]
+    assert written.startswith("mailto:") and len(written) == len("mailto:") + 1, written

@@ -147,17 +147,19 @@ def results(engine, grammars):
 
 
 # Stop counts measured with these settings (greedy, frequency_penalty 0.5, max_tokens 256,
-# close_within 64, with the loop detector and the closing rule's value starts): base 49/50
-# schemas, 6/6 objects; through the adapter 48/50 and 6/6; the cat sampled at temperature 1
-# without a budget, 3/10 (47/50, 6/6, 48/50, 1/10 before those two). The bounds are those counts less a
-# margin for numerics (other CPUs and thread counts reorder float sums, and one flipped
-# greedy token changes a run). Without close_within: 43/50 and 5/6 (adapter 46/50, 5/6);
+# close_within 64, with the loop detector, the closing rule's value starts and its walk to a
+# closing point): base 50/50 schemas, 6/6 objects; through the adapter 49/50 and 6/6; the cat
+# sampled at temperature 1 without a budget, 3/10 (49/50, 6/6, 48/50 before the walk; 47/50,
+# 6/6, 48/50, 1/10 before the loop detector and value starts). The base bound is the bar
+# constrained output must meet (49/50 parseable); the others are the counts less a margin for
+# numerics (other CPUs and thread counts reorder float sums, and one flipped greedy token
+# changes a run). Without close_within: 43/50 and 5/6 (adapter 46/50, 5/6);
 # without the penalty either: 26/50 schemas, 0/6 objects (docs/structured-output.md).
 def test_fifty_schemas_generate_valid_json(results):
     rows = results["rows"]
     stopped = check_schema_outputs(rows, results["schemas"])
     print(f"\n{len(rows)} schemas: {stopped} stopped and validated, {len(rows) - stopped} hit max_tokens")
-    assert len(rows) == 50 and stopped >= 45
+    assert len(rows) == 50 and stopped >= 49
 
 
 def test_json_object_outputs_parse(results):
@@ -181,7 +183,7 @@ def test_constraints_through_a_lora_adapter(results):
     objects = check_object_outputs(results["adapter_objects"])
     print(f"\nadapter {ADAPTER}: {stopped}/{len(rows)} schemas and {objects}/{len(OBJECT_PROMPTS)} objects "
           f"stopped and validated")
-    assert stopped >= 46 and objects >= 5
+    assert stopped >= 47 and objects >= 5
 
 
 def test_mask_overlap_does_not_change_tokens(engine, grammars):

@@ -1,0 +1,307 @@
+"""Tool calls: the grammar that makes a model's calls valid, and the parser that reads them back.
+
+One output format for every model and mode (the Hermes / Qwen style that vLLM's `hermes`
+parser reads), each call its own tagged, compact JSON object:
+
+    <tool_call>
+    {"name":"get_weather","arguments":{"city":"Paris"}}
+    </tool_call>
+
+The constraint's source (ConstraintSpec kind "tools") is canonical JSON:
+    {"mode": "required" | "auto", "parallel": bool, "tools": [{"name": str, "parameters": {...}}]}
+A named tool_choice is "required" over that one tool.
+
+- required: the output is one call, or several separated by a newline when parallel; nothing
+  else. Each call's `arguments` validates against its function's `parameters`.
+- auto: free text, in which `<tool_call>` starts a call (a lazy lexeme: llguidance's
+  "tool calling" pattern, docs/syntax.md); from there to `</tool_call>` the call is enforced
+  as above. Without parallel calls, nothing may follow the first call.
+
+Object schemas in the parameters that list `properties` and say nothing of other keys get
+`additionalProperties: false` (OpenAI's strict mode requires it; `closed_objects`). Each
+tool's parameters are moved under the root `$defs` (`t<i>`, its own `$defs` as
+`t<i>.<name>`, local `$ref`s rewritten to match), so schemas with `$ref`s (pydantic's nested
+models) keep working inside the call object.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from server.errors import GrammarError
+from server.structured.closing import close_row, keep_closing
+
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+MODES = ("required", "auto")
+# Added to a derived closing budget: the tokens of one call's frame (`<tool_call>\n{"name":...,
+# "arguments":` and `}\n</tool_call>`, about 20 with SmolLM2's tokenizer), so that once the rule
+# is on no new call starts that could not end in time, and the open one still closes.
+CALL_RESERVE = 24
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    mode: str
+    parallel: bool
+    tools: tuple[tuple[str, dict], ...]       # (name, parameters schema)
+
+    @staticmethod
+    def from_source(source: str) -> "ToolSpec":
+        try:
+            v = json.loads(source)
+            spec = ToolSpec(v["mode"], bool(v["parallel"]), tuple((t["name"], t["parameters"]) for t in v["tools"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise GrammarError(f"tool constraint is malformed: {e}") from e
+        if spec.mode not in MODES or not spec.tools:
+            raise GrammarError(f"tool constraint needs a mode in {MODES} and at least one tool")
+        return spec
+
+    def source(self) -> str:
+        return json.dumps({"mode": self.mode, "parallel": self.parallel,
+                           "tools": [{"name": n, "parameters": p} for n, p in self.tools]},
+                          separators=(",", ":"), ensure_ascii=False)
+
+
+def call_schema(tools: tuple[tuple[str, dict], ...]) -> dict:
+    """The JSON Schema of one call object {"name", "arguments"} over these tools (compact,
+    strict: the options the JSON constraints use)."""
+    defs: dict[str, Any] = {}
+    options = []
+    for i, (name, params) in enumerate(tools):
+        root = f"t{i}"
+        params = dict(params or _NO_PARAMETERS)
+        own = {**params.pop("$defs", {}), **params.pop("definitions", {})}
+        for key, sub in own.items():
+            defs[f"{root}.{key}"] = _rewrite_refs(closed_objects(sub), root)
+        defs[root] = _rewrite_refs(closed_objects(params), root)
+        options.append({"type": "object", "properties": {"name": {"const": name}, "arguments": {"$ref": f"#/$defs/{root}"}},
+                        "required": ["name", "arguments"], "additionalProperties": False})
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {"x-guidance": {"whitespace_flexible": False, "lenient": False, "coerce_one_of": False},
+            **schema, "$defs": defs}
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not")
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object schema that lists
+    `properties` and says nothing of other keys, as OpenAI's strict function calling asks:
+    a call's arguments hold the declared parameters only (they still validate against the
+    schema as given). A copy; the schema is walked as a schema, so a property that happens
+    to be named "properties" is left alone."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: closed_objects(v) for k, v in out["properties"].items()}
+        if "additionalProperties" not in out and "patternProperties" not in out:
+            out["additionalProperties"] = False
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(v) for v in out[key]]
+    for key in _SUBSCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    for key in ("$defs", "definitions"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_objects(v) for k, v in out[key].items()}
+    return out
+
+
+def _rewrite_refs(value: Any, root: str) -> Any:
+    """Local $refs of one tool's parameters, pointed at where they now live under $defs."""
+    if isinstance(value, list):
+        return [_rewrite_refs(v, root) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for k, v in value.items():
+        if k == "$ref" and isinstance(v, str):
+            if v == "#":
+                v = f"#/$defs/{root}"
+            elif v.startswith(("#/$defs/", "#/definitions/")):
+                v = f"#/$defs/{root}." + v.split("/", 2)[2]
+            elif v.startswith("#/"):
+                v = f"#/$defs/{root}/" + v[2:]
+            else:
+                raise GrammarError(f"tool parameters may only use local $refs, got {v!r}")
+        out[k] = _rewrite_refs(v, root) if k not in ("const", "enum", "default", "examples") else v
+    return out
+
+
+def tool_grammar(spec: ToolSpec) -> str:
+    """The Lark grammar (llguidance dialect) of a tool constraint."""
+    body = "%json " + json.dumps(call_schema(spec.tools), separators=(",", ":"), ensure_ascii=False)
+    call = f'{json.dumps(CALL_OPEN + chr(10))} call_json {json.dumps(chr(10) + CALL_CLOSE)}'
+    if spec.mode == "required":
+        start = "start: call (\"\\n\" call)*" if spec.parallel else "start: call"
+        return f"%llguidance {{}}\n{start}\ncall: {call}\ncall_json: {body}\n"
+    head = f'call_hd[lazy]: TEXT {json.dumps(CALL_OPEN)}'
+    rest = f'call: call_hd "\\n" call_json {json.dumps(chr(10) + CALL_CLOSE)}'
+    start = "start: call* tail" if spec.parallel else "start: tail | call"
+    return (f"%llguidance {{}}\n{start}\ntail: TEXT\nTEXT: /(.|\\n)*/\n{head}\n{rest}\n"
+            f"call_json: {body}\n")
+
+
+def call_bounds(text: str) -> int | None:
+    """Where the JSON of the call being written starts in `text`, or None when the output is
+    not inside a call now (before the first, or after a complete one)."""
+    start = text.rfind(CALL_OPEN)
+    if start < 0 or text.find(CALL_CLOSE, start) >= 0:
+        return None
+    return start + len(CALL_OPEN)
+
+
+def close_tool_row(logits, matcher, text: str) -> None:
+    """The closing rule (structured/closing.py) for tool output, in place on one masked row
+    (V,): inside a call, close its JSON; after a complete call, end the output where the
+    grammar allows; free text before any call is left alone (auto: a text answer)."""
+    start = call_bounds(text)
+    if start is not None:
+        close_row(logits, matcher, text[start:])
+    elif CALL_OPEN in text and matcher.eos_token_id < logits.shape[0]:
+        keep_closing(logits, torch.tensor([matcher.eos_token_id], device=logits.device))
+
+
+@dataclass(frozen=True)
+class ToolEvent:
+    """One piece of parsed output: text (`content`), a call's start (`name`), or a fragment
+    of its arguments (`arguments`); `index` numbers the calls of one output from 0."""
+    kind: str                 # "content" | "name" | "arguments"
+    text: str
+    index: int = -1
+
+
+class ToolCallParser:
+    """Splits output text into content and tool calls as it arrives (streaming and not).
+
+    push(text) -> events for what is now certain; finish() -> the rest. Text that may be the
+    start of `<tool_call>` is held back; whitespace-only content is held until more text
+    comes (a newline between calls is not content). A call's arguments are streamed as raw
+    fragments of the JSON value, exactly as generated.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._buf = ""
+        self._state = "text"        # text | head | args | tail
+        self._ws = ""               # held whitespace-only content
+        self._raw = ""              # the current call's text since CALL_OPEN
+        self._depth = 0
+        self._in_str = self._esc = False
+
+    def push(self, text: str) -> list[ToolEvent]:
+        self._buf += text
+        out: list[ToolEvent] = []
+        while True:
+            before = (self._state, len(self._buf))
+            getattr(self, "_" + self._state)(out)
+            if (self._state, len(self._buf)) == before:
+                return out
+
+    def finish(self, unfinished_as_content: bool = True) -> list[ToolEvent]:
+        """The rest. A call cut short (max_tokens) becomes content when unfinished_as_content
+        (a whole output); a stream has already sent its name and arguments so far."""
+        out: list[ToolEvent] = []
+        if self._state == "text":
+            self._content(out, self._buf)
+        elif unfinished_as_content:
+            self._content(out, CALL_OPEN + self._raw + self._buf)
+        self._buf = ""
+        self._state = "text"
+        return out
+
+    def _content(self, out: list[ToolEvent], text: str) -> None:
+        if not text:
+            return
+        if not (self._ws + text).strip():
+            self._ws += text
+            return
+        out.append(ToolEvent("content", self._ws + text))
+        self._ws = ""
+
+    def _text(self, out: list[ToolEvent]) -> None:
+        i = self._buf.find(CALL_OPEN)
+        if i >= 0:
+            self._content(out, self._buf[:i])
+            self._buf = self._buf[i + len(CALL_OPEN):]
+            self._raw = ""
+            self._state = "head"
+            return
+        hold = next((k for k in range(min(len(CALL_OPEN) - 1, len(self._buf)), 0, -1)
+                     if CALL_OPEN.startswith(self._buf[-k:])), 0)
+        self._content(out, self._buf[:len(self._buf) - hold])
+        self._buf = self._buf[len(self._buf) - hold:]
+
+    def _head(self, out: list[ToolEvent]) -> None:
+        m = _HEAD.match(self._buf)
+        if m is None:
+            return
+        self._raw += self._buf[:m.end()]
+        self._buf = self._buf[m.end():]
+        out.append(ToolEvent("name", json.loads(f'"{m.group(1)}"'), self.calls))
+        self._depth, self._in_str, self._esc = 0, False, False
+        self._state = "args"
+
+    def _args(self, out: list[ToolEvent]) -> None:
+        end = None
+        for i, ch in enumerate(self._buf):
+            if self._esc:
+                self._esc = False
+            elif self._in_str:
+                self._esc, self._in_str = ch == "\\", ch != '"'
+            elif ch == '"':
+                self._in_str = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    end = i + 1
+                    break
+        piece = self._buf if end is None else self._buf[:end]
+        if piece:
+            out.append(ToolEvent("arguments", piece, self.calls))
+        self._raw += piece
+        self._buf = self._buf[len(piece):]
+        if end is not None:
+            self._state = "tail"
+
+    def _tail(self, out: list[ToolEvent]) -> None:
+        i = self._buf.find(CALL_CLOSE)
+        if i < 0:
+            return
+        self._buf = self._buf[i + len(CALL_CLOSE):]
+        self.calls += 1
+        self._state = "text"
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    name: str
+    arguments: str            # the JSON text of the arguments, as generated
+
+
+def parse_output(text: str) -> tuple[str | None, list[ParsedCall]]:
+    """A whole output -> (content, or None when there is none; its tool calls in order)."""
+    parser = ToolCallParser()
+    events = parser.push(text) + parser.finish()
+    content = "".join(e.text for e in events if e.kind == "content").strip()
+    names: dict[int, str] = {}
+    args: dict[int, list[str]] = {}
+    for e in events:
+        if e.kind == "name":
+            names[e.index] = e.text
+        elif e.kind == "arguments":
+            args.setdefault(e.index, []).append(e.text)
+    calls = [ParsedCall(names[i], "".join(args.get(i, []))) for i in sorted(names) if i < parser.calls]
+    return content or None, calls
