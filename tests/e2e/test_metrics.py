@@ -54,3 +54,14 @@ def test_lora_requests_info_names_running_adapters(live_server):
     finally:
         t.join(120)
     _wait_idle(live_server)
+
+
+def test_a_responses_request_counts_as_a_chat_request_does(live_server):
+    before = _wait_idle(live_server)
+    r = httpx.post(live_server.url + "/v1/responses", headers=ADMIN, timeout=60,
+                   json={"model": "shared-json", "input": "Hello", "max_output_tokens": 4}).json()
+    after = live_server.metrics()
+    assert _value(after, "loraplex_requests_total", adapter="shared-json", status="ok") - \
+        _value(before, "loraplex_requests_total", adapter="shared-json", status="ok") == 1
+    assert _value(after, "loraplex_generation_tokens_total", adapter="shared-json") - \
+        _value(before, "loraplex_generation_tokens_total", adapter="shared-json") == r["usage"]["output_tokens"]

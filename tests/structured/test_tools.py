@@ -5,10 +5,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from server.model.default import ensure_default_model
-from server.structured.grammar import GrammarCompiler, new_matcher
+from server.structured.grammar import new_matcher
 from server.structured.spec import ConstraintSpec
 from server.structured.tools import (CALL_CLOSE, CALL_OPEN, ToolCallParser, ToolSpec, call_schema, closed_objects,
                                      parse_output)
@@ -22,15 +20,8 @@ SECOND = f'\n{CALL_OPEN}\n{{"name":"add","arguments":{{"a":1}}}}\n{CALL_CLOSE}'
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(str(ensure_default_model()))
-
-
-@pytest.fixture(scope="module")
-def compiler(tok):
-    c = GrammarCompiler(tok)
-    yield c
-    c.close()
+def tok(hf_tokenizer):
+    return hf_tokenizer
 
 
 def _matcher(compiler, mode, parallel, tools=TOOLS):
