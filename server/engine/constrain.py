@@ -9,8 +9,9 @@ mask fill, its closing rule) is handed back as failed; the other rows go on.
 
 The closing rule (Constraint.close) is on for a request from the step its closing budget
 (`close_within`) is reached, or from the step its output is seen looping (`looping`: the same
-unit of tokens back to back, as a small model repeats one key/value pair or one word); once
-on, it stays on. A budget of 0 turns both off.
+unit of tokens back to back, as a small model repeats one key/value pair or one word; or a
+unit the constraint itself knows, `Constraint.repeating`: the same tool call made again);
+once on, it stays on. A budget of 0 turns both off.
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ class ConstraintStage:
                 m = req.constraint
                 if m.close_within and not req.closing:
                     req.closing = (req.params.max_tokens - len(req.output_ids) <= m.close_within
-                                   or looping(req.output_ids))
+                                   or looping(req.output_ids) or m.repeating(self.text_of(req)))
                 if req.closing:
                     try:
                         m.close(sub[j], self.text_of(req))

@@ -114,6 +114,7 @@ class Constraint(Protocol):
     def fill_masks(self, batch: list["Constraint"]) -> "torch.Tensor": ...   # int32 (n, W) allowed tokens
     def apply_masks(self, logits: "torch.Tensor", masks: "torch.Tensor") -> None: ...   # (n, V) in place
     def close(self, logits: "torch.Tensor", text: str) -> None: ...   # one masked row (V,), output so far
+    def repeating(self, text: str) -> bool: ...               # the output repeats a unit its grammar knows
     def consume(self, token_id: int) -> None: ...             # GrammarError if refused
     def is_stopped(self) -> bool: ...
 

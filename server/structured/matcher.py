@@ -4,6 +4,7 @@ A Matcher is what the engine sees as a request's Constraint (server/engine/reque
     m.fill_masks([m, ...])   -> int32 (n, W) allowed tokens for the next step, in parallel
     m.apply_masks(logits, masks)  refused tokens -> -inf, in place   (server/structured/bitmask.py)
     m.close(row, text)       the closing budget's rule on one masked row (server/structured/closing.py)
+    m.repeating(text)        the output just repeated a tool call: the closing rule turns on
     m.consume(token_id)      after each sampled token
     m.is_stopped()           True once the grammar is complete: finish with reason "stop"
 The engine calls these methods and imports nothing from here, so it runs without llguidance.
@@ -22,7 +23,7 @@ import torch
 from server.errors import GrammarError
 from server.structured.bitmask import apply_bitmask, fill_bitmasks
 from server.structured.closing import ClosingTokens, close_row
-from server.structured.tools import CALL_RESERVE, close_tool_row
+from server.structured.tools import CALL_RESERVE, close_tool_row, repeats_a_call
 
 
 class Matcher:
@@ -62,6 +63,11 @@ class Matcher:
             close_tool_row(logits, self, text)
         else:
             close_row(logits, self, text)
+
+    def repeating(self, text: str) -> bool:
+        """Whether the output (text so far) has just repeated a unit of this grammar: a tool
+        call identical to an earlier one. The engine then turns the closing rule on."""
+        return self.tool_calls and repeats_a_call(text)
 
     def consume(self, token_id: int) -> None:
         """Advance by one sampled token; GrammarError if the grammar does not allow it."""

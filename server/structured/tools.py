@@ -161,6 +161,15 @@ def call_bounds(text: str) -> int | None:
     return start + len(CALL_OPEN)
 
 
+def repeats_a_call(text: str) -> bool:
+    """Whether the output has just completed a call identical (name and arguments) to an
+    earlier one: a small model asked for parallel calls tends to repeat its first."""
+    if not text.endswith(CALL_CLOSE):
+        return False
+    calls = [c.strip() for c in text.split(CALL_OPEN)[1:]]
+    return len(calls) > 1 and calls[-1] in calls[:-1]
+
+
 def close_tool_row(logits, matcher, text: str) -> None:
     """The closing rule (structured/closing.py) for tool output, in place on one masked row
     (V,): inside a call, close its JSON; after a complete call, end the output where the

@@ -120,3 +120,12 @@ def test_closing_rule_for_tools(tok, compiler):
     row[after.allowed_token_ids()] = 0
     after.close(row, GOOD)
     assert torch.isfinite(row).nonzero().flatten().tolist() == [after.eos_token_id]
+
+
+def test_a_repeated_call_turns_the_closing_rule_on(tok, compiler):
+    from server.structured.tools import repeats_a_call
+    m = _matcher(compiler, "required", True)
+    assert not m.repeating(GOOD) and not m.repeating(GOOD + SECOND)
+    assert not m.repeating(GOOD + "\n" + GOOD[:-3])                # not complete yet
+    assert m.repeating(GOOD + "\n" + GOOD) and repeats_a_call(GOOD + SECOND + "\n" + GOOD)
+    assert not _matcher(compiler, "auto", True).repeating("text") and not repeats_a_call("")
