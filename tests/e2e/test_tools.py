@@ -198,6 +198,18 @@ def test_responses_stream_events(client):
             final = ev.response
     assert args == done and jsonschema.validate(json.loads(args), ADD) is None
     assert [o.arguments for o in final.output if o.type == "function_call"] == [args]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    text = ""
+    for ev in client.responses.create(model="acme-support", input="Jane is 34.", max_output_tokens=60, temperature=0,
+                                      text={"format": {"type": "json_schema", "name": "person", "schema": schema}},
+                                      stream=True):
+        if ev.type == "response.output_text.delta":
+            text += ev.delta
+        elif ev.type in ("response.completed", "response.incomplete"):
+            final = ev.response
+    jsonschema.validate(json.loads(text), schema)
+    assert final.output_text == text
 
 
 def test_responses_items_and_refusals(live_server, client):
