@@ -142,6 +142,12 @@ def stream_response(lines: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def chat_chars(body: ChatCompletionRequest) -> int:
+    """The characters of text a chat request's prompt holds: messages, their calls, the tools."""
+    return (sum(len(m.text()) + len(m.model_dump_json(include={"tool_calls"})) for m in body.messages)
+            + sum(len(t.model_dump_json()) for t in body.tools or []))
+
+
 def encode_chat(tok, body: ChatCompletionRequest) -> list[int]:
     messages, tools = template_inputs(body, tok.template_takes_tools)
     try:
@@ -152,9 +158,7 @@ def encode_chat(tok, body: ChatCompletionRequest) -> list[int]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    chars = sum(len(m.text()) + len(m.model_dump_json(include={"tool_calls"})) for m in body.messages)
-    chars += sum(len(t.model_dump_json()) for t in body.tools or [])
-    state, gen = await prepare(request, body, lambda tok: [encode_chat(tok, body)], chars, "messages")
+    state, gen = await prepare(request, body, lambda tok: [encode_chat(tok, body)], chat_chars(body), "messages")
     text = TokenText(state.engine.tokenizer.hf)
     rid = f"chatcmpl-{gen.request_id}"
     tools_on = active_tools(body)[1] != "none"

@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse
 
 from server.api import errors
 from server.api.generation import Generation
-from server.api.openai_routes import encode_chat, prepare, stream_response, until_disconnect
+from server.api.openai_routes import chat_chars, encode_chat, prepare, stream_response, until_disconnect
 from server.api.responses_protocol import ResponsesRequest
-from server.api.tool_calls import active_tools, new_call_id
-from server.structured.tools import ToolCallParser, ToolEvent, parse_output
+from server.api.tool_calls import active_tools, new_call_id, whole_output
+from server.structured.tool_parser import ToolCallParser, ToolEvent
 
 router = APIRouter()
 
@@ -82,7 +82,7 @@ class ResponseBuilder:
         if self._parser is None:
             events = [ToolEvent("content", text)] if text else []
         else:
-            events = self._parser.push(text) + (self._parser.finish(unfinished_as_content=False) if final else [])
+            events = self._parser.feed(text, final)
         out: list[str] = []
         for e in events:
             out += self._content(e.text) if e.kind == "content" else self._tool(e)
@@ -147,15 +147,13 @@ class ResponseBuilder:
 
     def whole(self, text: str) -> None:
         """The output items of a whole (not streamed) output."""
-        content, calls = parse_output(text) if self.tools_on else (text, [])
-        if not calls:
-            content = text
+        content, calls, _ = whole_output(text, None) if self.tools_on else (text, None, None)
         if content:
             self.items.append({"type": "message", "id": _id("msg"), "status": "completed", "role": "assistant",
                                "content": [{"type": "output_text", "text": content, "annotations": []}]})
-        for c in calls:
-            self.items.append({"type": "function_call", "id": _id("fc"), "call_id": new_call_id(), "name": c.name,
-                               "arguments": c.arguments, "status": "completed"})
+        for c in calls or []:
+            self.items.append({"type": "function_call", "id": _id("fc"), "call_id": c.id, "name": c.function.name,
+                               "arguments": c.function.arguments, "status": "completed"})
 
 
 async def _events(gen: Generation, builder: ResponseBuilder) -> AsyncIterator[str]:
@@ -188,9 +186,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         chat = body.to_chat()
     except ValueError as e:
         raise errors.invalid(f"input cannot be read as a conversation: {e}", "input") from e
-    chars = sum(len(m.text()) + len(m.model_dump_json(include={"tool_calls"})) for m in chat.messages)
-    chars += sum(len(t.model_dump_json()) for t in chat.tools or [])
-    state, gen = await prepare(request, chat, lambda tok: [encode_chat(tok, chat)], chars, "input")
+    state, gen = await prepare(request, chat, lambda tok: [encode_chat(tok, chat)], chat_chars(chat), "input")
     builder = ResponseBuilder(body, gen, active_tools(chat)[1] != "none")
     if body.stream:
         return stream_response(_events(gen, builder))

@@ -19,7 +19,8 @@ from server.api import errors
 from server.api.protocol import ChatCompletionRequest, ChatDelta, ChatMessage
 from server.api.tool_models import FunctionCall, FunctionDelta, NamedToolChoice, ToolCall, ToolCallDelta, ToolDef
 from server.structured.spec import ConstraintSpec
-from server.structured.tools import CALL_CLOSE, CALL_OPEN, ToolCallParser, ToolEvent, ToolSpec, parse_output
+from server.structured.tool_parser import ToolCallParser, ToolEvent, parse_output
+from server.structured.tools import CALL_CLOSE, CALL_OPEN, ToolSpec
 
 # The fallback tool prompt, for chat templates that do not take `tools` (SmolLM2's, for one).
 FALLBACK_PROMPT = """# Tools
@@ -78,22 +79,19 @@ def template_inputs(body: ChatCompletionRequest, native: bool) -> tuple[list[dic
     if native:
         return [_native(m) for m in body.messages], shown or None
     messages: list[dict] = []
-    for m in body.messages:
-        role = "system" if m.role == "developer" else m.role
-        if m.role == "tool":
+    for k, m in enumerate(body.messages):
+        if m.role == "tool":      # results become one user turn, however many calls they answer
             result = f"<tool_response>\n{m.text()}\n</tool_response>"
-            if messages and messages[-1].get("tool_results"):
+            if k and body.messages[k - 1].role == "tool":
                 messages[-1]["content"] += "\n" + result
             else:
-                messages.append({"role": "user", "content": result, "tool_results": True})
+                messages.append({"role": "user", "content": result})
             continue
         text = m.text()
         if m.tool_calls:
             calls = [f"{CALL_OPEN}\n{_call_json(c)}\n{CALL_CLOSE}" for c in m.tool_calls]
             text = "\n".join(([text] if text else []) + calls)
-        messages.append({"role": role, "content": text})
-    for msg in messages:
-        msg.pop("tool_results", None)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     if shown:
         prompt = FALLBACK_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in shown))
         if messages and messages[0]["role"] == "system":
@@ -156,10 +154,7 @@ class StreamedCalls:
         self._ids: dict[int, str] = {}
 
     def deltas(self, text: str, final: bool) -> list[ChatDelta]:
-        events = self.parser.push(text)
-        if final:
-            events += self.parser.finish(unfinished_as_content=False)
-        return [self._delta(e) for e in events]
+        return [self._delta(e) for e in self.parser.feed(text, final)]
 
     def finish_reason(self, reason: str | None) -> str | None:
         return finish_reason(reason, len(self._ids))

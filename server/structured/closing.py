@@ -142,18 +142,16 @@ def plan_to_closing(logits: torch.Tensor, matcher, candidates: torch.Tensor,
     closer is allowed. At most LOOKAHEAD_FORKS grammar states are tried in all."""
     vals = logits[candidates]                                    # (k,)
     ranked = candidates[vals.argsort(descending=True, stable=True)].tolist()   # -inf ones last
+    order = ranked[:int(torch.isfinite(vals).sum())]             # the allowed ones, likeliest first
     closers = closing_ids.tolist()
 
-    def allows(bits, ids) -> list[int]:
+    def allows(bits, ids) -> list[int]:                          # bits: 1 per token, LSB first
         return [t for t in ids if (t >> 3) < len(bits) and bits[t >> 3] >> (t & 7) & 1]
 
-    def has_closer(bits) -> bool:
-        return any((t >> 3) < len(bits) and bits[t >> 3] >> (t & 7) & 1 for t in closers)
-    order = [t for t in ranked if bool(torch.isfinite(logits[t]))]
     for token in order[:LOOKAHEAD_CANDIDATES]:
         twin = matcher.fork()
         twin.consume(token)
-        if has_closer(twin.llmatcher.compute_bitmask()):
+        if allows(twin.llmatcher.compute_bitmask(), closers):
             return [token]
     state, bits, path, forks = matcher, matcher.llmatcher.compute_bitmask(), [], 0
     for _ in range(LOOKAHEAD_DEPTH):
@@ -165,7 +163,7 @@ def plan_to_closing(logits: torch.Tensor, matcher, candidates: torch.Tensor,
             twin.consume(token)
             forks += 1
             after = twin.llmatcher.compute_bitmask()
-            if has_closer(after):
+            if allows(after, closers):
                 return path + [token]
             if after != bits:
                 step = (token, twin, after)

@@ -1,4 +1,4 @@
-"""server/structured/tools.py: the tool-call grammar enforces calls, the parser reads them back."""
+"""server/structured/tools.py and tool_parser.py: the tool-call grammar enforces calls, the parser reads them back."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import torch
 
 from server.structured.grammar import new_matcher
 from server.structured.spec import ConstraintSpec
-from server.structured.tools import (CALL_CLOSE, CALL_OPEN, ToolCallParser, ToolSpec, call_schema, closed_objects,
-                                     parse_output)
+from server.structured.tool_parser import ToolCallParser, parse_output
+from server.structured.tools import CALL_CLOSE, CALL_OPEN, ToolSpec, call_schema, closed_objects
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
            "required": ["city", "days"]}
