@@ -54,6 +54,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV blocks of prompt prefixes seen before (keyed by adapter and tenant)")
     p.add_argument("--prefix-cache-blocks", type=int, default=_env("prefix-cache-blocks", d.prefix_cache_blocks),
                    help="most cached KV blocks kept while no request uses them (0 = as the pool allows)")
+    p.add_argument("--compile", default=_env("compile", d.compile), choices=["auto", "on", "off"],
+                   help="decode steps with torch.compile'd layers, compiled at start-up; auto: on for CUDA only")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -64,6 +66,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
         max_model_len=args.max_model_len, lm_head_dtype=args.lm_head_dtype,
         enable_prefix_caching=args.enable_prefix_caching, prefix_cache_blocks=args.prefix_cache_blocks,
+        compile=args.compile,
     )
 
 

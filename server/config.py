@@ -12,6 +12,7 @@ QUANTIZATIONS = ("nf4", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,9 @@ class EngineConfig:
     lm_head_dtype: str = "auto"
     enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt prefix seen before
     prefix_cache_blocks: int = 0         # most cached blocks kept while unused (0 = as the pool allows)
+    # on: decode steps run their layers torch.compile'd, compiled before the engine is ready
+    # (server/model/compiled.py); off: the eager step; auto: on for CUDA, off on a CPU
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -54,6 +58,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ConfigError(f"compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
         if self.lm_head_dtype not in LM_HEAD_DTYPES:
             raise ConfigError(f"lm_head_dtype must be one of {LM_HEAD_DTYPES}, got {self.lm_head_dtype!r}")
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
@@ -72,6 +78,10 @@ class EngineConfig:
             return self.device
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def compiles(self) -> bool:
+        """Whether decode steps take the compiled layers (compile, with "auto" resolved)."""
+        return self.compile == "on" or (self.compile == "auto" and self.resolved_device() == "cuda")
 
     def resolved_dtype(self) -> "torch.dtype":  # noqa: F821
         import torch

@@ -55,12 +55,17 @@ class KernelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class CpuKernel:
+    """The kernels' entry points. Called eagerly, each runs its C function directly; inside a
+    torch.compile trace (server/model/compiled.py), each becomes its torch op
+    (server/cpu_ops.py), whose implementation is the same eager call."""
     lib: ctypes.CDLL
     path: Path
 
     def nf4_matmul(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor,
                out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
         """x (T, K) float32 contiguous rows -> (T, N) float32 = x @ dequant(codes).T + bias."""
+        if torch.compiler.is_compiling():
+            return torch.ops.loraplex.nf4_matmul(x, codes, absmax, code_book, out_features, bias)
         t, k = x.shape
         y = torch.empty(t, out_features, dtype=torch.float32)  # (T, N)
         rc = self.lib.nf4_matmul_f32(
@@ -74,6 +79,8 @@ class CpuKernel:
     def bf16_matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (T, K) float32 rows, weight (N, K) bfloat16 contiguous -> (T, N) float32, with
         float32 products and sums."""
+        if torch.compiler.is_compiling():
+            return torch.ops.loraplex.bf16_matmul(x, weight)
         t, k = x.shape
         n = weight.shape[0]
         assert weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.shape[1] == k
@@ -90,6 +97,8 @@ class CpuKernel:
         """One query per sequence over its paged K/V, read in place: q (B, H, hd) float32,
         caches (num_blocks, block_size, Hkv, hd) float32, block_tables (B, width) int64 (entries
         past a sequence's blocks are never read), context_lens (B,) int64 -> (B, H, hd)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.loraplex.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
         b, h, hd = q.shape
         _, block_size, hkv, _ = k_cache.shape
         assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -109,6 +118,9 @@ class CpuKernel:
         """y[t] += (A[s, :r] @ x[t]) @ Bt[s, :r] for each row t with s = slots[t] >= 0 and
         r = ranks[t], in place: x (T, K), a (S, r_max, K) and bt (S, r_max, N) contiguous
         float32, slots / ranks (T,) int64, y (T, N) float32 with unit column stride. -> y"""
+        if torch.compiler.is_compiling():
+            torch.ops.loraplex.lora_rows(x, a, bt, slots, ranks, y)
+            return y
         t, k = x.shape
         _, r_max, n = bt.shape
         assert a.is_contiguous() and bt.is_contiguous() and x.stride(1) == 1 and y.stride(1) == 1

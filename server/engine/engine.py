@@ -81,6 +81,8 @@ class Engine:
         base_key = f"{model_dir}|{config.quantization}|{self.dtype}"
         self.scheduler = Scheduler(config, self.pool, self.store, self.max_model_len, base_key)
         self.runner = Runner(self.model, self.pool, self.store, self.device)
+        if config.compiles():
+            self._compile_decode_step()
         self.sampler = Sampler(self.device, config.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(arch.eos_token_ids))
         self._live: dict[str, _Live] = {}
@@ -88,6 +90,15 @@ class Engine:
         self.last_step_tokens = 0     # tokens the last step computed (0: nothing could run)
         log.info("engine ready: %d KV blocks x %d tokens, max_model_len %d, device %s",
                  num_blocks, config.block_size, self.max_model_len, self.device)
+
+    def _compile_decode_step(self) -> None:
+        """The compiled decode step, compiled now (before any request) in a borrowed KV block."""
+        from server.model import compiled
+        scratch = self.pool.allocate(1)
+        try:
+            log.info("decode step: %s", compiled.enable(self.model, scratch[0]))
+        finally:
+            self.pool.free(scratch)
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:

@@ -23,10 +23,11 @@ class LoraBatch:
     _tables: "SegmentTables | None" = field(default=None, init=False, repr=False, compare=False)
     _plan: "LoraPlan | None" = field(default=None, init=False, repr=False, compare=False)
     _row_ranks: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    # a bool, not the list: a compiled step guards on what it reads (server/model/compiled.py)
+    any: bool = field(default=False, init=False, compare=False)
 
-    @property
-    def any(self) -> bool:
-        return bool(self.seg_slots)
+    def __post_init__(self) -> None:
+        self.any = bool(self.seg_slots)
 
     def slot_groups(self) -> list[tuple[int, int, slice | torch.Tensor]]:
         """Rows grouped by slot: [(slot, rank, rows)], rows a slice (one segment) or an index tensor."""

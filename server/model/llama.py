@@ -154,6 +154,7 @@ class LlamaForCausalLM(nn.Module):
         # LM head in bfloat16 on the CPU kernel (set_lm_head_bf16), else lm_head in `dtype`
         self.lm_head_bf16: torch.Tensor | None = None  # (vocab, hidden) bfloat16
         self.cpu_kernel = None  # server.cpu_kernel.CpuKernel, with lm_head_bf16
+        self.decode_step = None  # server.model.compiled.CompiledDecode, or None: eager
 
     def set_attention_kernel(self, kernel) -> None:
         """Decode attention on `kernel` (a CpuKernel; float32 caches on the CPU) or, with None,
@@ -179,13 +180,22 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits (B, vocab) float32 at batch.logits_rows; writes K/V at batch.slot_mapping."""
+        """Logits (B, vocab) float32 at batch.logits_rows; writes K/V at batch.slot_mapping.
+        A decode-only batch takes the compiled step when one is set (server/model/compiled.py)."""
         assert self.block_size > 0, "allocate_kv_cache before forward"
         plan = AttentionPlan.build(batch, self.block_size, in_place=self.model.layers[0].self_attn.kernel is not None)
+        if self.decode_step is not None and not plan.prefill_seqs:
+            return self.decode_step(batch, plan)
+        return self.run(batch, plan)
+
+    def run(self, batch: ForwardBatch, plan: AttentionPlan, layer_step=None) -> torch.Tensor:
+        """forward's maths. `layer_step(layer, h, cos, sin, batch, plan)`, when given, runs each
+        decoder layer (the compiled step's one compiled layer function); else each layer's own
+        forward, eager: the oracle."""
         h = self.model.embed_tokens(batch.input_ids)  # (T, hidden)
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)  # (T, hd)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, batch, plan)
+            h = layer(h, cos, sin, batch, plan) if layer_step is None else layer_step(layer, h, cos, sin, batch, plan)
         h = self.model.norm(h[batch.logits_rows])  # (B, hidden)
         if self.lm_head_bf16 is not None:
             return self.cpu_kernel.bf16_matmul(h.float().contiguous(), self.lm_head_bf16)  # (B, vocab)

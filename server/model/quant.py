@@ -24,6 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class NF4Linear(nn.Module):
         if self.kernel is None:
             bias = None if self.bias is None else self.bias.float()
             y = F.linear(x2, self.dequantize(), bias)  # (T, out)
-        elif x2.shape[0] >= DENSE_ROWS:
+        elif guard_or_false(x2.shape[0] >= DENSE_ROWS):  # a plain bool, except in the compiled
+            # decode step, whose row count is symbolic: there it is taken as False (the fused kernel)
             w = self.kernel.nf4_dequantize(self.weight, self.quant_state.absmax, self.code_book,
                                            self.out_features, self.in_features)  # (out, in) float32
             y = F.linear(x2, w, None if self.bias is None else self.bias.float())  # (T, out)
