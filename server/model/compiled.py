@@ -67,11 +67,12 @@ class CompiledDecode:
     def __init__(self, model) -> None:
         _use_project_cache()
         self.model = model
-        self.mode = "reduce-overhead" if model.device.type == "cuda" else "default"
         if model.device.type == "cuda":
+            self.mode = "reduce-overhead"
             self._compiled = torch.compile(_layer_forward, fullgraph=True, mode=self.mode)
         else:  # the fused glue is a few thousand floats a loop: one thread, no OpenMP wake-ups
             # (the kernels inside take their own thread count)
+            self.mode = "default"
             self._compiled = torch.compile(_layer_forward, fullgraph=True, options={"cpp.threads": 1})
         self.compile_seconds = 0.0
         self.warm = False  # after warm_up, a step never compiles: see `stance`
@@ -84,10 +85,7 @@ class CompiledDecode:
         if not self.warm:
             return self.model.run(batch, plan, self._tracing_layer)  # (B, vocab)
         with torch.compiler.set_stance(self.stance):
-            return self.model.run(batch, plan, self._layer)  # (B, vocab)
-
-    def _layer(self, layer, h, cos, sin, batch, plan) -> torch.Tensor:
-        return self._compiled(layer, h, cos, sin, batch, plan)  # (B, hidden)
+            return self.model.run(batch, plan, self._compiled)  # (B, vocab)
 
     def _tracing_layer(self, layer, h, cos, sin, batch, plan) -> torch.Tensor:
         """The layer call of a warm-up step: the batch axis (B) and the block-table width are
@@ -121,14 +119,13 @@ class CompiledDecode:
         dev = model.device
         i64 = dict(dtype=torch.int64, device=dev)
         ctx = model.block_size + 2
-        batch = ForwardBatch(
+        return ForwardBatch(
             input_ids=torch.zeros(rows, **i64), positions=torch.full((rows,), ctx - 1, **i64),
             slot_mapping=torch.full((rows,), block * model.block_size, **i64),
             block_tables=torch.full((rows, 2), block, **i64),  # (B, 2)
             query_start=torch.arange(rows + 1, **i64), context_lens=torch.full((rows,), ctx, **i64),
             logits_rows=torch.arange(rows, **i64), query_lens_cpu=[1] * rows, context_lens_cpu=[ctx] * rows,
             lora=LoraBatch.from_row_slots([0] * rows, [0] * rows, dev) if lora else None)
-        return batch
 
 
 def enable(model, scratch_block: int) -> str:

@@ -166,7 +166,7 @@ class Attention(nn.Module):
         vals = self.v_cache.index_select(0, tables).view(shape)  # (Bd, L, Hkv, hd)
         # GQA by folding each KV head's query group into the query axis: query head h reads
         # KV head h // group, so (Bd, H, hd) -> (Bd, Hkv, group, hd); no K/V repeat needed
-        qg = q.view(bd, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)  # (Bd, Hkv, G, hd)
+        qg = q.view(bd, self.num_kv_heads, -1, self.head_dim)  # (Bd, Hkv, G, hd)
         o = _sdpa(qg, keys.transpose(1, 2), vals.transpose(1, 2), plan.decode_mask, self.scale)  # (Bd, Hkv, G, hd)
         return o.reshape(bd, self.num_heads, self.head_dim)  # (Bd, H, hd)
 
