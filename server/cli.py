@@ -8,6 +8,7 @@ Every `serve` flag can also be set by an environment variable LORAPLEX_<FLAG>
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request bodies larger than this get 413 before they are parsed (default 4 MiB)")
     p.add_argument("--request-timeout", type=float, default=_env("request-timeout", 0.0),
                    help="seconds a generation request may run before it is ended with an error (0: no limit)")
+    p.add_argument("--replicas", type=int, default=_env("replicas", 0),
+                   help="engine replicas on Ray Serve, behind one API (needs loraplex[ray]; 0: one server, no Ray)")
+    p.add_argument("--ray-address", default=_env("ray-address", ""),
+                   help="with --replicas: join this Ray cluster instead of starting one on 127.0.0.1")
+    p.add_argument("--models-per-replica", type=int, default=_env("models-per-replica", 0),
+                   help="with --replicas: adapter ids Serve routes by per replica (0: --max-loras)")
+    p.add_argument("--ray-metrics-port", type=int, default=_env("ray-metrics-port", 0),
+                   help="with --replicas: the port of Ray's Prometheus export of per-replica metrics (0: any)")
     p.set_defaults(func=_cmd_serve)
 
     # train and loadtest parse their own flags: prefix_chars="\0" passes every argument through
@@ -146,6 +155,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(engine=engine_config(args), host=args.host, port=args.port,
                        api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                        max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
+    if args.replicas or args.ray_address:
+        from server.deploy.ray_config import RayAppConfig
+        app = RayAppConfig(server=cfg, replicas=args.replicas or 1, ray_address=args.ray_address,
+                           metrics_port=args.ray_metrics_port, models_per_replica=args.models_per_replica)
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("--replicas needs Ray Serve: pip install 'loraplex[ray]'")
+        from server.deploy.launch import serve_ray
+        return serve_ray(app)
     return serve(cfg)
 
 

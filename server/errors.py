@@ -30,3 +30,10 @@ class PromptTooLongError(LoraplexError):
             f"prompt has {prompt_tokens} tokens; this model's context is {max_model_len} tokens")
         self.prompt_tokens = prompt_tokens
         self.max_model_len = max_model_len
+
+    def __reduce__(self):     # pickled whole (it crosses to the ingress from a remote replica)
+        return type(self), (self.prompt_tokens, self.max_model_len)
+
+
+class ReplicaLostError(LoraplexError):
+    """The remote replica running a request stopped (killed, crashed) before the request ended."""

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 import uuid
+from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -25,11 +26,13 @@ from server.api import admin_routes, errors, openai_routes, responses_routes
 from server.api.body_limit import BodyLimit
 from server.api.auth import KeyTable
 from server.api.state import ServerState, base_model_id
-from server.config import ServerConfig
+from server.config import EngineConfig, ServerConfig
+from server.engine.client import EngineClient
 from server.engine.local import LocalEngine
 
 log = logging.getLogger("loraplex.api")
 _GATED_PREFIX = "/v1/"
+REPLICA_HEADER = b"x-loraplex-replica"   # names the replica(s) that served a generation
 FAILURE_EXIT_DELAY_S = 2.0      # how long a server whose engine died answers 503 before it exits
 
 
@@ -64,6 +67,9 @@ class RequestGate:
                 headers = list(message.get("headers", []))
                 if not any(k.lower() == b"x-request-id" for k, _ in headers):
                     headers.append((b"x-request-id", rid.encode("latin-1")))
+                generation = scope["state"].get("generation")
+                if generation is not None and generation.replica:
+                    headers.append((REPLICA_HEADER, generation.replica.encode("latin-1")))
                 message["headers"] = headers
             await send(message)
 
@@ -85,9 +91,11 @@ class RequestGate:
                 self.state.gate.inflight -= 1
 
 
-def create_app(cfg: ServerConfig) -> FastAPI:
+def create_app(cfg: ServerConfig, starter: Callable[[EngineConfig], EngineClient] = LocalEngine.start) -> FastAPI:
+    """starter: loads the engine this app serves (blocking; run in a worker thread): this process's
+    engine by default, or a client of remote replicas (server/deploy/ray_client.py)."""
     keys = KeyTable.from_file(cfg.api_keys) if cfg.api_keys else KeyTable.empty()
-    state = ServerState(cfg=cfg, keys=keys, base_id=base_model_id(cfg.engine.model), starter=LocalEngine.start)
+    state = ServerState(cfg=cfg, keys=keys, base_id=base_model_id(cfg.engine.model), starter=starter)
     state.metrics.set_base_label(state.base_id)
 
     @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.config import ConfigError
 from server.engine.request import SamplingParamsError
-from server.errors import AdapterError, GrammarError, PromptTooLongError
+from server.errors import AdapterError, GrammarError, PromptTooLongError, ReplicaLostError
 
 log = logging.getLogger("loraplex.api")
 
@@ -80,6 +80,8 @@ def from_exception(e: Exception) -> APIError | None:
         return invalid(str(e), "lora_path", "invalid_adapter")
     if isinstance(e, ConfigError):
         return invalid(str(e))
+    if isinstance(e, ReplicaLostError):
+        return APIError(503, f"{e}; retry the request", "server_error", None, "replica_lost")
     return None
 
 

@@ -46,7 +46,27 @@ class Generation:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._reserved: set[int] = set()    # choices holding a waiting place (no token yet)
+        self._unrouted = set(range(len(choices)))   # choices whose replica is not known yet
+        self._routed = asyncio.Event()
         self._start = time.monotonic()
+
+    @property
+    def replica(self) -> str:
+        """The replicas that took the choices (comma-separated, in choice order; "" before start)."""
+        return ",".join(dict.fromkeys(r.served_by for r in self.choices if r.served_by))
+
+    async def start(self) -> None:
+        """Submit every choice, and return once each has a replica (or has ended): the response's
+        headers name them. Idempotent; stream() starts the choices itself if this was not called."""
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._run(i, r)) for i, r in enumerate(self.choices)]
+        if self._unrouted:
+            await self._routed.wait()
+
+    def _mark_routed(self, index: int) -> None:
+        self._unrouted.discard(index)
+        if not self._unrouted:
+            self._routed.set()
 
     def reserve(self) -> None:
         """Take a waiting place per choice (429 when the queue is full); call before responding."""
@@ -72,8 +92,9 @@ class Generation:
 
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice as they come; the last delta of a choice has finish_reason."""
-        assert self._reserved or not self.choices, "reserve() before stream()"
-        self._tasks = [asyncio.create_task(self._run(i, r)) for i, r in enumerate(self.choices)]
+        assert self._reserved or not self.choices or self._tasks, "reserve() before stream()"
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._run(i, r)) for i, r in enumerate(self.choices)]
         status = "error"
         try:
             remaining = len(self._tasks)
@@ -118,7 +139,12 @@ class Generation:
         m = self.state.metrics
         try:
             async with contextlib.aclosing(engine.generate(req)) as outputs:
+                if req.served_by:
+                    self._mark_routed(index)
                 async for out in outputs:
+                    self._mark_routed(index)
+                    if not (out.new_token_ids or out.new_text or out.finished):
+                        continue        # a remote replica's first word: it took the request
                     now = time.monotonic()
                     if waiting and (out.new_token_ids or out.finished):
                         waiting = False
@@ -141,6 +167,7 @@ class Generation:
         except BaseException as e:  # handed to the consumer, which raises it in its context
             self._queue.put_nowait(e)
         finally:
+            self._mark_routed(index)
             self._release(index)
             self._queue.put_nowait(_DONE)
 

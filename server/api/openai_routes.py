@@ -98,6 +98,7 @@ async def prepare(request: Request, body: SamplingRequest, prompts_of, chars: in
                                                                who.cache_scope), rid)
     gen.reserve()
     request.state.generation = gen    # RequestGate closes it when the response ends, whatever happened
+    await gen.start()                 # submitted: the headers can name the replica
     return state, gen
 
 

@@ -17,6 +17,9 @@ from server.engine.request import Request, RequestOutput
 from server.lora.registry import AdapterInfo
 
 
+LOCAL_REPLICA = "local"       # the replica name a single server's requests carry
+
+
 class LocalEngine:
     def __init__(self, async_engine: AsyncEngine) -> None:
         self._loop = async_engine
@@ -31,6 +34,7 @@ class LocalEngine:
         return LocalEngine(AsyncEngine(Engine(config)))
 
     def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
+        req.served_by = LOCAL_REPLICA
         return self._loop.generate(req)
 
     @property

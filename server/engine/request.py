@@ -35,6 +35,9 @@ class SamplingParamsError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):     # pickled whole (it crosses to the ingress from a remote replica)
+        return type(self), (self.param, str(self))
+
 
 def check_fits(prompt_tokens: int, max_model_len: int, max_tokens: int | None = None) -> None:
     """The context rule: the prompt and at least one new token fit max_model_len
@@ -162,6 +165,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)   # chain keys of its full blocks (prefix_cache.py)
     num_registered: int = 0               # leading blocks of block_ids that are in the cache
     closing: bool = False                 # its constraint's closing rule is on (budget reached or a loop seen)
+    served_by: str | None = None          # the replica that took it (set by the EngineClient)
 
     @property
     def all_ids(self) -> list[int]:

@@ -72,7 +72,7 @@ def new_matcher(compiled: CompiledGrammar, close_within: int | None = 0) -> Matc
     """A fresh matcher at the grammar's start (a copy of the template: microseconds).
     close_within: the spec's closing budget (ConstraintSpec.close_within)."""
     return Matcher(compiled.template.deep_copy(), compiled.vocab_size, compiled.eos_token_id, close_within,
-                   compiled.closing, tool_calls=compiled.spec.kind == "tools")
+                   compiled.closing, tool_calls=compiled.spec.kind == "tools", spec=compiled.spec)
 
 
 class GrammarCompiler:

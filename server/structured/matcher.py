@@ -23,14 +23,16 @@ import torch
 from server.errors import GrammarError
 from server.structured.bitmask import apply_bitmask, fill_bitmasks
 from server.structured.closing import ClosingTokens, close_row
+from server.structured.spec import ConstraintSpec
 from server.structured.tools import CALL_RESERVE, close_tool_row, repeats_a_call
 
 
 class Matcher:
     def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, eos_token_id: int,
                  close_within: int | None = 0, closing: ClosingTokens | None = None,
-                 tool_calls: bool = False) -> None:
+                 tool_calls: bool = False, spec: ConstraintSpec | None = None) -> None:
         self._inner = inner
+        self.spec = spec                      # what it was compiled from (a remote replica rebuilds it)
         self.vocab_size = vocab_size          # bits in one mask row (the tokenizer's vocabulary)
         self.eos_token_id = eos_token_id
         # ConstraintSpec.close_within: the engine's closing budget (None until the API resolves it)
