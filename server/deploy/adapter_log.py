@@ -1,12 +1,12 @@
 """AdapterLog: the admin loads and unloads of a replicated app, so every replica serves the same set.
 
-One small deployment holds, for each adapter name an admin loaded or unloaded, its folder
-(None: unloaded) and the log version of that change. Every generation request carries the
+The AppState deployment (app_state.py) holds, for each adapter name an admin loaded or
+unloaded, its folder (None: unloaded) and the log version of that change. Every generation request carries the
 version its ingress has seen (WireRequest.adapters_version); a replica behind it applies the
 changes first (AdapterSync), so after a load or a reload returns, no replica takes a request
 for that name on the old weights. Replicas also poll the log (every second), so a load reaches
-every replica without waiting for its traffic, and one that starts later applies the whole log. Adapters found in the shared adapters folder need no entry: every replica
-reads the same folder.
+every replica without waiting for its traffic, and one that starts later applies the whole log.
+Adapters found in the shared adapters folder need no entry: every replica reads the same folder.
 
 Limit: the log lives in its replica's memory. If that replica restarts, the admin loads made
 through the API since the app started must be made again (folders in the adapters directory
@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from server.errors import AdapterError
-from server.deploy import serve_patch  # noqa: F401  (before any replica initializes)
 
 log = logging.getLogger("loraplex.deploy")
 
@@ -32,7 +31,7 @@ class LogState:
 
 
 class AdapterLog:
-    """The log itself (the deployment's body): record a change, read the whole state."""
+    """The log itself: record a change, read the whole state."""
 
     def __init__(self) -> None:
         self._version = 0

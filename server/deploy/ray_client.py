@@ -42,16 +42,16 @@ def _unwrap(e: RayTaskError) -> BaseException:
 
 
 class RayEngineClient:
-    def __init__(self, engine, adapter_log, cfg: EngineConfig) -> None:
-        """engine, adapter_log: handles to the engine and AdapterLog deployments. Blocking (it
+    def __init__(self, engine, app_state, cfg: EngineConfig) -> None:
+        """engine, app_state: handles to the engine and AppState deployments. Blocking (it
         waits for a replica's answer): called from the app's start-up thread."""
         self._engine = engine
-        self._log = adapter_log
+        self._state = app_state
         self.tokenizer = Tokenizer(resolve_model_dir(cfg.model))
         self.max_model_len: int = engine.describe.remote().result()["max_model_len"]
         self._names = AdapterRegistry(cfg.adapters_dir)
         self._version = 0
-        self._apply(adapter_log.state.remote().result())
+        self._apply(app_state.state.remote().result())
 
     def _apply(self, state: LogState) -> None:
         for name, (path, _) in sorted(state.entries.items(), key=lambda kv: kv[1][1]):
@@ -112,7 +112,8 @@ class RayEngineClient:
         self._version = max(self._version, version)
 
     async def snapshot(self) -> EngineSnapshot:
-        return await self._call(self._engine.snapshot.remote())
+        """Every replica's, combined (their latest reports: replica_board.py)."""
+        return await self._state.combined.remote()
 
     async def reset_prefix_cache(self) -> int:
         return await self._call(self._engine.reset_prefix_cache.remote())

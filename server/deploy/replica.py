@@ -38,13 +38,13 @@ log = logging.getLogger("loraplex.deploy")
 
 
 class EngineReplica:
-    def __init__(self, cfg: EngineConfig, adapter_log, models_per_replica: int) -> None:
-        """adapter_log: a handle to the AdapterLog deployment; models_per_replica: the adapter ids
-        Serve's multiplexing keeps here (RayAppConfig.models_per_replica)."""
+    def __init__(self, cfg: EngineConfig, app_state, models_per_replica: int) -> None:
+        """app_state: a handle to the AppState deployment (adapter log, replica board);
+        models_per_replica: the adapter ids Serve's multiplexing keeps here (RayAppConfig)."""
         self.engine = LocalEngine.start(cfg)
         self.compiler = GrammarCompiler(self.engine.tokenizer.hf)
         self.name = serve.get_replica_context().replica_id.unique_id
-        self._log = adapter_log
+        self._state = app_state
         self.sync = AdapterSync(self._fetch_log, self.engine.load_adapter, self.engine.unload_adapter)
         # an instance attribute (a plain function: Serve keeps its cache on it), as its cap is
         # configured
@@ -62,17 +62,19 @@ class EngineReplica:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
-        """Every REFRESH_S: the adapter log's changes applied, the metrics exported."""
+        """Every REFRESH_S: the adapter log's changes applied, the metrics exported and reported."""
         while True:
             try:
                 await self.sync.catch_up()
-                self._metrics.update(await self.engine.snapshot(), self._base_label, self.sync.version)
+                snapshot = await self.engine.snapshot()
+                self._metrics.update(snapshot, self._base_label, self.sync.version)
+                await self._state.report.remote(self.name, snapshot)
             except Exception as e:    # a stopped engine is reported by check_health
                 log.warning("replica %s: refresh failed: %s", self.name, e)
             await asyncio.sleep(REFRESH_S)
 
     async def _fetch_log(self) -> LogState:
-        return await self._log.state.remote()
+        return await self._state.state.remote()
 
     async def _lease(self, model_id: str) -> str:
         """Serve's loader for one adapter id: known here, else AdapterError. The engine's store
@@ -110,14 +112,14 @@ class EngineReplica:
         for the other replicas; -> the log's new version."""
         await self.sync.upto(version)
         await self.engine.load_adapter(name, path)
-        changed = await self._log.record.remote(name, path)
+        changed = await self._state.record.remote(name, path)
         self.sync.mark(name, changed)
         return changed
 
     async def unload_adapter(self, name: str, version: int) -> int:
         await self.sync.upto(version)
         await self.engine.unload_adapter(name)
-        changed = await self._log.record.remote(name, None)
+        changed = await self._state.record.remote(name, None)
         self.sync.mark(name, changed)
         return changed
 

@@ -2,8 +2,9 @@
 
 The same names and meanings as the single server's /metrics (server/api/metrics.py); Ray's
 exporter prefixes them with "ray_", and each carries a `replica` tag (the Serve replica id,
-the value of the x-loraplex-replica header). Refreshed from the engine's snapshot every REFRESH_S. The request-level series
-(requests, tokens, latencies) are the ingress's, on the app's own /metrics.
+the value of the x-loraplex-replica header). Refreshed from the engine's snapshot every
+REFRESH_S. The request-level series (requests, tokens, latencies) are the ingress's, on the
+app's own /metrics, with the engine series of all replicas together (replica_board.py).
 """
 from __future__ import annotations
 

@@ -160,6 +160,15 @@ def test_hot_load_reaches_both_replicas_and_a_reload_never_serves_old_weights(ra
         "model": "hot", "messages": [{"role": "user", "content": text}], "max_tokens": 2}).status_code == 404
 
 
+def test_the_apps_metrics_count_every_replica(ray_app):
+    per_replica = _wait(lambda: (lambda m: m if len(m) == 2 else None)(
+        ray_app.replica_metrics("loraplex_kv_cache_blocks_total")), 20, "both replicas' metrics")
+    text = httpx.get(ray_app.url + "/metrics", timeout=10).text
+    total = next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("loraplex_kv_cache_blocks_total "))
+    assert total == sum(per_replica.values()) > max(per_replica.values())
+
+
 def test_models_and_adapters_answer_for_the_whole_app(ray_app):
     ids = {m["id"] for m in httpx.get(ray_app.url + "/v1/models", headers=ADMIN).json()["data"]}
     assert {*ADAPTERS, *FOURTH} <= ids
