@@ -58,10 +58,13 @@ class Generation:
     async def start(self) -> None:
         """Submit every choice, and return once each has a replica (or has ended): the response's
         headers name them. Idempotent; stream() starts the choices itself if this was not called."""
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._run(i, r)) for i, r in enumerate(self.choices)]
+        self._submit()
         if self._unrouted:
             await self._routed.wait()
+
+    def _submit(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._run(i, r)) for i, r in enumerate(self.choices)]
 
     def _mark_routed(self, index: int) -> None:
         self._unrouted.discard(index)
@@ -93,8 +96,7 @@ class Generation:
     async def stream(self) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice as they come; the last delta of a choice has finish_reason."""
         assert self._reserved or not self.choices or self._tasks, "reserve() before stream()"
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._run(i, r)) for i, r in enumerate(self.choices)]
+        self._submit()
         status = "error"
         try:
             remaining = len(self._tasks)

@@ -8,6 +8,7 @@ read them (e.g. the Gateway API inference extension reads `vllm:lora_requests_in
 """
 from __future__ import annotations
 
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,6 +24,21 @@ ADAPTER_COUNTERS = ("loads", "evictions", "host_evictions", "host_hits", "host_m
                     "device_misses")
 
 
+# The engine's gauges: (name, help, read from the snapshot); also exported per replica on Ray
+# (server/deploy/replica_metrics.py).
+ENGINE_GAUGES: tuple[tuple[str, str, Callable[[EngineSnapshot], float]], ...] = (
+    ("loraplex_requests_running", "Requests holding KV blocks in the engine", lambda s: s.running),
+    ("loraplex_requests_waiting", "Requests queued in the engine", lambda s: s.waiting),
+    ("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", lambda s: s.kv_usage),
+    ("loraplex_kv_cache_blocks_total", "KV cache blocks in the pool", lambda s: s.kv_blocks_total),
+    ("loraplex_kv_cache_blocks_used", "KV cache blocks in use", lambda s: s.kv_blocks_used),
+    ("loraplex_lora_device_slots_used", "Adapter device slots holding an adapter", lambda s: s.device_slots_used),
+    ("loraplex_lora_device_slots_total", "Adapter device slots (max_loras)", lambda s: s.max_loras),
+    ("loraplex_kv_cache_blocks_cached", "KV cache blocks in the prefix cache (held or not)",
+     lambda s: s.kv_blocks_cached),
+)
+
+
 class _EngineCollector(Collector):
     def __init__(self) -> None:
         self.snapshot = EngineSnapshot()
@@ -30,14 +46,8 @@ class _EngineCollector(Collector):
 
     def collect(self):
         s = self.snapshot
-        yield _gauge("loraplex_requests_running", "Requests holding KV blocks in the engine", s.running)
-        yield _gauge("loraplex_requests_waiting", "Requests queued in the engine", s.waiting)
-        yield _gauge("loraplex_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", s.kv_usage)
-        yield _gauge("loraplex_kv_cache_blocks_total", "KV cache blocks in the pool", s.kv_blocks_total)
-        yield _gauge("loraplex_kv_cache_blocks_used", "KV cache blocks in use", s.kv_blocks_used)
-        yield _gauge("loraplex_lora_device_slots_used", "Adapter device slots holding an adapter",
-                     s.device_slots_used)
-        yield _gauge("loraplex_lora_device_slots_total", "Adapter device slots (max_loras)", s.max_loras)
+        for name, doc, read in ENGINE_GAUGES:
+            yield _gauge(name, doc, read(s))
         for name in ADAPTER_COUNTERS:
             c = CounterMetricFamily(f"loraplex_adapter_{name}", f"Adapter store {name.replace('_', ' ')}")
             c.add_metric([], float(s.adapter_counters.get(name, 0)))
@@ -45,8 +55,6 @@ class _EngineCollector(Collector):
         c = CounterMetricFamily("loraplex_adapter_load_seconds", "Seconds spent loading adapters")
         c.add_metric([], float(s.adapter_counters.get("load_seconds", 0.0)))
         yield c
-        yield _gauge("loraplex_kv_cache_blocks_cached", "KV cache blocks in the prefix cache (held or not)",
-                     s.kv_blocks_cached)
         for name, series, doc in (("queries", s.prefix_cache_queries, "Prompt tokens looked up in the prefix cache"),
                                   ("hits", s.prefix_cache_hits, "Prompt tokens found in the prefix cache")):
             c = CounterMetricFamily(f"loraplex_prefix_cache_{name}", doc + ", by adapter", labels=["adapter"])

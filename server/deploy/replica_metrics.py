@@ -10,25 +10,15 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge
 
-from server.api.metrics import ADAPTER_COUNTERS
+from server.api.metrics import ADAPTER_COUNTERS, ENGINE_GAUGES
 from server.engine.client import EngineSnapshot
 
 REFRESH_S = 1.0
-_GAUGES = {
-    "loraplex_requests_running": ("Requests holding KV blocks in the engine", lambda s: s.running),
-    "loraplex_requests_waiting": ("Requests queued in the engine", lambda s: s.waiting),
-    "loraplex_kv_cache_usage_ratio": ("Fraction of KV cache blocks in use", lambda s: s.kv_usage),
-    "loraplex_kv_cache_blocks_total": ("KV cache blocks in the pool", lambda s: s.kv_blocks_total),
-    "loraplex_kv_cache_blocks_used": ("KV cache blocks in use", lambda s: s.kv_blocks_used),
-    "loraplex_kv_cache_blocks_cached": ("KV cache blocks in the prefix cache", lambda s: s.kv_blocks_cached),
-    "loraplex_lora_device_slots_used": ("Adapter device slots holding an adapter", lambda s: s.device_slots_used),
-    "loraplex_lora_device_slots_total": ("Adapter device slots (max_loras)", lambda s: s.max_loras),
-}
 
 
 class ReplicaMetrics:
     def __init__(self, replica: str) -> None:
-        self._gauges = {name: Gauge(name, doc, tag_keys=("replica",)) for name, (doc, _) in _GAUGES.items()}
+        self._gauges = [(Gauge(name, doc, tag_keys=("replica",)), read) for name, doc, read in ENGINE_GAUGES]
         names = [*ADAPTER_COUNTERS, "load_seconds"]
         self._counters = {name: Counter(f"loraplex_adapter_{name}", f"Adapter store {name.replace('_', ' ')}",
                                         tag_keys=("replica",)) for name in names}
@@ -36,14 +26,15 @@ class ReplicaMetrics:
                                       tag_keys=("replica", "adapter")) for kind in ("queries", "hits")}
         self._log_version = Gauge("loraplex_adapter_log_version",
                                   "The adapter log's version this replica has applied", tag_keys=("replica",))
-        for metric in (self._log_version, *self._gauges.values(), *self._counters.values(), *self._prefix.values()):
+        for metric in (self._log_version, *(g for g, _ in self._gauges), *self._counters.values(),
+                       *self._prefix.values()):
             metric.set_default_tags({"replica": replica})
         self._seen: dict[tuple[str, str], float] = {}    # cumulative values already counted
 
     def update(self, s: EngineSnapshot, base_label: str, log_version: int) -> None:
         self._log_version.set(float(log_version))
-        for name, (_, read) in _GAUGES.items():
-            self._gauges[name].set(float(read(s)))
+        for gauge, read in self._gauges:
+            gauge.set(float(read(s)))
         for name, counter in self._counters.items():
             self._add(counter, ("adapter", name), float(s.adapter_counters.get(name, 0.0)), None)
         for kind, series in (("queries", s.prefix_cache_queries), ("hits", s.prefix_cache_hits)):
