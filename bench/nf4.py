@@ -3,7 +3,7 @@
     python bench/nf4.py [--in 576] [--out 1536] [--batch 16] [--iters 200]
 
 In one 576 -> 1536 shape by default (SmolLM2's gate/up): the server's NF4Linear on the
-AVX-512 kernel (`nf4_kernel`) and on its exact path (bitsandbytes' dequantize + float32
+CPU kernel (`nf4_kernel`) and on its exact path (bitsandbytes' dequantize + float32
 matmul, `nf4_exact`), bitsandbytes' own Linear4bit (on this CPU, its bf16 fallback kernel),
 quantize_4bit + matmul_4bit on the canonical layout, and the dense fp32 linear.
 """

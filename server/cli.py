@@ -49,7 +49,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=_env("max-model-len", d.max_model_len))
     p.add_argument("--lm-head-dtype", default=_env("lm-head-dtype", d.lm_head_dtype),
                    choices=["auto", "float32", "bfloat16"],
-                   help="LM head weights: auto = bfloat16 for NF4 on an AVX-512 CPU")
+                   help="LM head weights: auto = bfloat16 for NF4 where the CPU kernels run")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=_env("enable-prefix-caching", d.enable_prefix_caching),
                    help="reuse the KV blocks of prompt prefixes seen before (keyed by adapter and tenant)")

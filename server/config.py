@@ -42,8 +42,8 @@ class EngineConfig:
     max_cpu_loras: int = 64           # adapters kept in host memory
     lora_wait_steps: int = 8          # a waiting adapter is admitted within this many steps
     seed: int = 0
-    # LM head weights read as: auto = bfloat16 for an NF4 float32 model on a CPU with the
-    # AVX-512 kernels (float32 activations and sums; half the bytes), else the model dtype
+    # LM head weights read as: auto = bfloat16 for an NF4 float32 model where the project's
+    # CPU kernels run (float32 activations and sums; half the bytes), else the model dtype
     lm_head_dtype: str = "auto"
     enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt prefix seen before
     prefix_cache_blocks: int = 0         # most cached blocks kept while unused (0 = as the pool allows)

@@ -13,14 +13,19 @@ Why a small C library and not the alternatives:
   (rather than writing the dense weight, 8x the bytes of the codes) is not something this
   library controls. The compiled decode step, when it comes, calls this kernel as an op.
 - A torch C++ extension would work too, but it compiles against torch's headers, which
-  takes far longer than this plain C file with AVX-512 intrinsics (about a second with gcc).
+  takes far longer than this plain C file with intrinsics (about a second with gcc).
   Loaded after torch, it shares torch's OpenMP runtime (the same libgomp.so.1).
 
+One source, two instruction sets (csrc/simd.h): AVX-512 (16 lanes; the code book in one
+register) and AVX2 with FMA (8 lanes; the book in two registers, picked by the code's top
+bit). The build takes the widest set the CPU has (`LORAPLEX_CPU_ISA=avx2` asks for the
+narrower one); both give bitsandbytes' dequantized values exactly and float32 sums.
+
 The library is built into the model cache (`cache_dir()/kernels/`) under a name that hashes
-the source, the flags and the compiler, written to a temporary path and renamed, so a
+the source, the instruction set, the flags and the compiler, written to a temporary path and renamed, so a
 rebuild is never half-written and an edit never loads a stale build. `make` builds it at
 set-up (`python -m server.cpu_kernel`); the first model load builds it if it is missing.
-Where the CPU lacks AVX-512 or no compiler is found, `load()` raises KernelUnavailable saying
+Where the CPU has neither AVX-512 nor AVX2 with FMA, or no compiler is found, `load()` raises KernelUnavailable saying
 why; the loader logs it, and NF4 linears use the exact dequantize + float32 matmul path, the
 LM head stays float32 and attention takes the torch path (slower, same maths).
 """
@@ -44,9 +49,16 @@ from server.config import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_matmul.c"
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp",
-          "-fPIC", "-shared")
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+HEADERS = (SOURCE.with_name("simd.h"),)
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+# The instruction sets the kernels are written for (csrc/simd.h), widest first: the CPU
+# flags each needs and the compiler flags that select it.
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+               ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DLP_AVX512")),
+    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
+}
+ISA_ENV = "LORAPLEX_CPU_ISA"  # avx512 | avx2: build for that set (the tests take the narrower one too)
 
 
 class KernelUnavailable(RuntimeError):
@@ -60,6 +72,7 @@ class CpuKernel:
     (server/cpu_ops.py), whose implementation is the same eager call."""
     lib: ctypes.CDLL
     path: Path
+    isa: str  # a key of ISAS
 
     def nf4_matmul(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor,
                out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -143,46 +156,75 @@ class CpuKernel:
         return w
 
 
-def cpu_supports() -> tuple[bool, str]:
-    """Whether this CPU has the AVX-512 subsets the kernel uses, and if not, what it lacks."""
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags from /proc/cpuinfo, or [] where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        flags = []
+        return []
+
+
+def choose_isa(wanted: str | None = None) -> str:
+    """`wanted` (else the set LORAPLEX_CPU_ISA names, else the widest in ISAS) if this CPU has
+    it; raises KernelUnavailable saying what is missing."""
+    wanted = wanted or os.environ.get(ISA_ENV, "")
+    if wanted and wanted not in ISAS:
+        raise KernelUnavailable(f"{ISA_ENV}={wanted!r} is not one of {', '.join(ISAS)}")
+    flags = cpu_flags()
     if not flags:
-        cap = torch.backends.cpu.get_cpu_capability()
-        return (cap.startswith("AVX512"), f"torch reports CPU capability {cap}")
-    missing = [f for f in REQUIRED_FLAGS if f not in flags]
-    return (not missing, f"this CPU lacks {', '.join(missing)}" if missing else "")
+        cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+        flags = list(ISAS["avx512"][0]) if cap.startswith("AVX512") else list(ISAS["avx2"][0]) if cap == "AVX2" else []
+    missing = {}
+    for isa in ([wanted] if wanted else ISAS):
+        missing[isa] = [f for f in ISAS[isa][0] if f not in flags]
+        if not missing[isa]:
+            return isa
+    lacks = "; ".join(f"{isa} needs {', '.join(m)}" for isa, m in missing.items())
+    raise KernelUnavailable(f"the CPU kernels need AVX-512 or AVX2 with FMA: this CPU lacks them ({lacks})")
+
+
+def supported_isas() -> list[str]:
+    """Every instruction set in ISAS this CPU has, widest first."""
+    found = []
+    for isa in ISAS:
+        try:
+            found.append(choose_isa(isa))
+        except KernelUnavailable:
+            pass
+    return found
+
+
+def cflags(isa: str) -> tuple[str, ...]:
+    return (*COMMON_FLAGS, *ISAS[isa][1])
 
 
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, isa: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
-    return Path(cache_dir()) / "kernels" / f"cpu_matmul-{key}.so"
+    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    key = hashlib.sha256(source + " ".join(cflags(isa)).encode() + version.encode()).hexdigest()[:16]
+    return Path(cache_dir()) / "kernels" / f"cpu_matmul-{isa}-{key}.so"
 
 
-def build() -> Path:
-    """Compile the kernel unless this exact build exists; returns the library's path."""
-    ok, why = cpu_supports()
-    if not ok:
-        raise KernelUnavailable(f"the CPU kernels need AVX-512: {why}")
+def build(isa: str | None = None) -> Path:
+    """Compile the kernels for `isa` (None: choose_isa()) unless this exact build exists;
+    returns the library's path."""
+    isa = choose_isa(isa)
     compiler = _compiler()
     if compiler is None:
         raise KernelUnavailable("the CPU kernels need a C compiler (cc or gcc; set CC)")
-    path = library_path(compiler)
+    path = library_path(compiler, isa)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+        proc = subprocess.run([compiler, *cflags(isa), "-o", tmp, str(SOURCE)], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode != 0:
             raise KernelUnavailable(f"building the CPU kernels failed: {proc.stderr.strip()[-2000:]}")
@@ -193,43 +235,47 @@ def build() -> Path:
     return path
 
 
-_loaded: CpuKernel | KernelUnavailable | None = None
+_loaded: dict[str | None, CpuKernel | KernelUnavailable] = {}
 
 
-def load() -> CpuKernel:
-    """The kernels, built if needed, loaded once per process; raises KernelUnavailable."""
-    global _loaded
-    if _loaded is None:
-        try:
-            path = build()
-            lib = ctypes.CDLL(str(path))
-        except KernelUnavailable as e:
-            _loaded = e
-        except OSError as e:
-            _loaded = KernelUnavailable(f"loading the CPU kernels failed: {e}")
-        else:
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.nf4_matmul_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p, i64, ctypes.c_int]
-            lib.nf4_matmul_f32.restype = ctypes.c_int
-            lib.nf4_dequant_f32.argtypes = [p, p, p, i64, i64, p, ctypes.c_int]
-            lib.nf4_dequant_f32.restype = ctypes.c_int
-            lib.bf16_matmul_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, ctypes.c_int]
-            lib.bf16_matmul_f32.restype = ctypes.c_int
-            lib.paged_decode_attention_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
-                                                       ctypes.c_float, p, ctypes.c_int]
-            lib.paged_decode_attention_f32.restype = ctypes.c_int
-            lib.lora_rows_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, p, i64, ctypes.c_int]
-            lib.lora_rows_f32.restype = ctypes.c_int
-            _loaded = CpuKernel(lib, path)
-    if isinstance(_loaded, KernelUnavailable):
-        raise _loaded
-    return _loaded
+def load(isa: str | None = None) -> CpuKernel:
+    """The kernels for `isa` (None: choose_isa(), what the server uses), built if needed,
+    loaded once per process; raises KernelUnavailable."""
+    if isa not in _loaded:
+        _loaded[isa] = _load(isa)
+    found = _loaded[isa]
+    if isinstance(found, KernelUnavailable):
+        raise found
+    return found
+
+
+def _load(isa: str | None) -> CpuKernel | KernelUnavailable:
+    try:
+        isa = choose_isa(isa)
+        path = build(isa)
+        lib = ctypes.CDLL(str(path))
+    except KernelUnavailable as e:
+        return e
+    except OSError as e:
+        return KernelUnavailable(f"loading the CPU kernels failed: {e}")
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.nf4_matmul_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p, i64, ctypes.c_int]
+    lib.nf4_dequant_f32.argtypes = [p, p, p, i64, i64, p, ctypes.c_int]
+    lib.bf16_matmul_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, ctypes.c_int]
+    lib.paged_decode_attention_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
+                                               ctypes.c_float, p, ctypes.c_int]
+    lib.lora_rows_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, p, i64, ctypes.c_int]
+    for fn in (lib.nf4_matmul_f32, lib.nf4_dequant_f32, lib.bf16_matmul_f32, lib.paged_decode_attention_f32,
+               lib.lora_rows_f32):
+        fn.restype = ctypes.c_int
+    return CpuKernel(lib, path, isa)
 
 
 def main() -> int:
     """`python -m server.cpu_kernel`: build the kernels now (the Makefile's set-up step)."""
     try:
-        print(f"CPU kernels: {load().path}")
+        kernel = load()
+        print(f"CPU kernels ({kernel.isa}): {kernel.path}")
     except KernelUnavailable as e:
         print(f"CPU kernels not built ({e}); NF4 models will use the exact, slower path")
     return 0

@@ -7,11 +7,11 @@ codes are made by bitsandbytes' own `quantize_4bit`, so an adapter trained with 
 this base sees the same weights here.
 
 The matmul, chosen once when the model loads:
-- CPU: `NF4Linear` with the project's AVX-512 kernel (server/cpu_kernel.py), which reads
-  the canonical codes in place and computes in float32: it equals bitsandbytes'
-  dequantize_4bit + a float32 matmul to float rounding. Where the kernel cannot run (no
-  AVX-512, no compiler) or `set_nf4_kernel(model, False)` asks for it (the tests' oracle),
-  the same module dequantizes with bitsandbytes and runs a float32 matmul: same maths,
+- CPU: `NF4Linear` with the project's kernel (server/cpu_kernel.py; AVX-512 or AVX2),
+  which reads the canonical codes in place and computes in float32: it equals bitsandbytes'
+  dequantize_4bit + a float32 matmul to float rounding. Where the kernel cannot run (neither
+  AVX-512 nor AVX2, no compiler) or `set_nf4_kernel(model, False)` asks for it (the tests'
+  oracle), the same module dequantizes with bitsandbytes and runs a float32 matmul: same maths,
   slower. bitsandbytes' own CPU path is not used: its fast kernel is a model-hub download,
   and its fallback computes in bf16 at ~1.6 GB/s.
 - CUDA: `bnb.nn.Linear4bit` (its gemv / dequantize kernels in the compute dtype).
@@ -41,7 +41,7 @@ class NF4Linear(nn.Module):
 
     `weight` holds the canonical packed codes, (out * in / 2, 1) uint8, as bitsandbytes
     stores them; `quant_state` is bitsandbytes' QuantState (absmax, code book, shape).
-    `kernel` is the AVX-512 kernel, or None for the exact dequantize + float32 matmul path.
+    `kernel` is the CPU kernel, or None for the exact dequantize + float32 matmul path.
     With the kernel, DENSE_ROWS rows or more take its dequantization and torch's matmul.
     """
 
@@ -140,7 +140,7 @@ def row_slice(fused: nn.Module, lo: int, hi: int) -> nn.Module:
 
 
 def set_nf4_kernel(model: nn.Module, enabled: bool) -> str:
-    """Put every CPU NF4 linear in `model` on the AVX-512 kernel (enabled, where it can run)
+    """Put every CPU NF4 linear in `model` on the CPU kernel (enabled, where it can run)
     or on the exact dequantize + float32 matmul path; returns which, in words."""
     linears = [m for m in model.modules() if isinstance(m, NF4Linear)]
     kernel = None
@@ -149,7 +149,7 @@ def set_nf4_kernel(model: nn.Module, enabled: bool) -> str:
         from server.cpu_kernel import KernelUnavailable, load
         try:
             kernel = load()
-            why = f"AVX-512 kernel {kernel.path.name}"
+            why = f"{kernel.isa} kernel {kernel.path.name}"
         except KernelUnavailable as e:
             why = f"exact dequantize + float32 matmul, slower: {e}"
             log.warning("NF4 on CPU: %s", why)

@@ -7,7 +7,7 @@ without a JSON schema, each run alone as `loraplex generate` runs it.
 The file is recorded on the exact path: bitsandbytes' float32 dequantize + matmul for the
 NF4 linears and the float32 LM head (`oracle_engine`). It was first recorded on
 bitsandbytes' bf16 CPU kernel, the serving path then; 4 of the 8 runs changed when the
-serving path became float32 (the AVX-512 NF4 kernel, which the golden test shows equal to
+serving path became float32 (the CPU NF4 kernel, which the golden test shows equal to
 the exact path, token for token).
 """
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_rank_slicing_equals_padding_when_slots_are_zero_padded():
 
 
 def test_select_backend():
-    assert ops.select_backend("cpu").name == "cpu-kernel"   # float32 on an AVX-512 CPU with the kernels
+    assert ops.select_backend("cpu").name == "cpu-kernel"   # float32 on a CPU with the kernels (AVX-512 or AVX2)
     assert ops.select_backend("cpu", torch.bfloat16).name == "torch"
     assert ops.select_backend("cuda").name == "triton"
 

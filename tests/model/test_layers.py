@@ -9,6 +9,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from server.cpu_kernel import supported_isas
 from server.model.layers import Attention, AttentionPlan, RMSNorm, RopeConfig, apply_rope, rope_cos_sin, rope_inv_freq
 from tests.model.paged import PagedSequences
 
@@ -129,13 +130,15 @@ def test_paged_attention_matches_float64_loop():
             row += b - a
 
 
+@pytest.mark.parametrize("isa", supported_isas())
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 16, 4), (32, 8, 128, 16), (8, 1, 32, 8)])
-def test_paged_decode_kernel_matches_float64_loop(heads, kv_heads, head_dim, block_size):
+def test_paged_decode_kernel_matches_float64_loop(heads, kv_heads, head_dim, block_size, isa):
     """The CPU kernel's in-place decode attention against a float64 loop over each sequence's
     blocks (shuffled, so not contiguous), for lengths from 1 to past several blocks, GQA groups
-    of 1 to 8 and the padding of block tables (-1) never read: float32 rounding only."""
+    of 1 to 8 and the padding of block tables (-1) never read: float32 rounding only (for
+    every instruction set this CPU has)."""
     from server.cpu_kernel import load
-    kernel = load()
+    kernel = load(isa)
     g = torch.Generator().manual_seed(heads + kv_heads + head_dim)
     lens = [1, block_size + 1, 5 * block_size, 3, 2 * block_size - 1]
     width = max(-(-n // block_size) for n in lens)

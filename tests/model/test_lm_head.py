@@ -1,4 +1,4 @@
-"""The bf16 LM head (the NF4 serving default on an AVX-512 CPU) against the float32 oracle.
+"""The bf16 LM head (the NF4 serving default where the CPU kernels run) against the float32 oracle.
 
 The head's weights are rounded to bfloat16 once (round to nearest: relative error at most
 2^-9 per weight); activations, products and sums stay float32. So for every logit
@@ -18,7 +18,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import Request, SamplingParams
-from server.cpu_kernel import load as load_kernel
+from server.cpu_kernel import load as load_kernel, supported_isas
 from server.model.loader import load_model
 
 BF16_REL = 2.0 ** -9
@@ -30,11 +30,12 @@ def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (BF16_REL + 1e-4) * (x.double().abs() @ w.double().abs().T)
 
 
+@pytest.mark.parametrize("isa", supported_isas())
 @pytest.mark.parametrize("rows,hidden,batch", [(100, 64, 1), (513, 576, 8), (49152 // 16, 576, 33), (8, 16, 3)])
-def test_bf16_kernel_equals_float64_on_widened_weights(rows, hidden, batch):
+def test_bf16_kernel_equals_float64_on_widened_weights(rows, hidden, batch, isa):
     """The kernel's only rounding is the weights': on bf16 weights widened to float32 it
-    equals a float64 matmul to float32 summation noise."""
-    kernel = load_kernel()
+    equals a float64 matmul to float32 summation noise (for every instruction set here)."""
+    kernel = load_kernel(isa)
     g = torch.Generator().manual_seed(rows + hidden + batch)
     w = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
     x = torch.randn(batch, hidden, generator=g)

@@ -1,6 +1,6 @@
 """NF4 base weights against transformers + bitsandbytes on the same checkpoint (a small
 random Llama, so that both sides quantize in seconds; the default model's NF4 path is
-exercised end to end in test_llama.py), and the AVX-512 kernel against bitsandbytes'
+exercised end to end in test_llama.py), and the CPU kernel (each instruction set the CPU has) against bitsandbytes'
 dequantize + a float32/float64 matmul.
 
 Both sides quantize the same float32 tensors with bitsandbytes' quantize_4bit (blocksize
@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 
 from server.config import EngineConfig
 from server.model.loader import load_model
-from server.cpu_kernel import load as load_kernel
+from server.cpu_kernel import load as load_kernel, supported_isas
 from server.model.quant import DENSE_ROWS, NF4Linear, is_nf4, make_linear, nf4_codes, set_nf4_kernel
 from tests.model.reference import bnb_exact, random_prompts, randomize_, reference_last_logits, run_schedule
 
@@ -129,13 +129,15 @@ KERNEL_SHAPES = [(40, 64, 1), (41, 64, 3), (96, 128, 5), (1536, 576, 8), (576, 1
                  (192, 576, 33), (578, 576, 2), (4096, 4096, 1), (128, 14336, 6), (64, 256, 0)]
 
 
+@pytest.mark.parametrize("isa", supported_isas())
 @pytest.mark.parametrize("out_f,in_f,batch", KERNEL_SHAPES)
-def test_kernel_equals_bnb_dequantize_and_matmul(out_f, in_f, batch):
-    """The AVX-512 kernel reads the codes as bitsandbytes does (its own dequantization is
+def test_kernel_equals_bnb_dequantize_and_matmul(out_f, in_f, batch, isa):
+    """The kernel, built for every instruction set this CPU has, reads the codes as bitsandbytes does (its own dequantization is
     bit-identical to dequantize_4bit) and its matmul equals a float64 matmul of the same
     float32 inputs to float32 rounding: relative 1e-6 of sum |x| |w| per output."""
     import bitsandbytes.functional as F
-    kernel = load_kernel()
+    kernel = load_kernel(isa)
+    assert kernel.isa == isa
     g = torch.Generator().manual_seed(out_f * 7 + in_f + batch)
     w = torch.randn(out_f, in_f, generator=g) * 0.05
     codes, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4",
@@ -187,10 +189,11 @@ class _Spy:
         return getattr(self._kernel, name)
 
 
-def test_kernel_reads_strided_rows():
+@pytest.mark.parametrize("isa", supported_isas())
+def test_kernel_reads_strided_rows(isa):
     """A view whose rows are strided (a slice of a wider activation) gives the same result."""
     import bitsandbytes.functional as F
-    kernel = load_kernel()
+    kernel = load_kernel(isa)
     torch.manual_seed(3)
     w = torch.randn(64, 128) * 0.05
     codes, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4",
@@ -232,21 +235,21 @@ def test_qkv_and_gate_up_run_fused_over_the_projections_codes(nf4_pair):
         assert torch.equal(mlp.gate_up(x), torch.cat([mlp.gate_proj.base(x), mlp.up_proj.base(x)], dim=1))
 
 
-def test_a_cpu_without_avx512_falls_back_to_the_exact_path_with_a_clear_message(monkeypatch, caplog):
-    """No AVX-512 (simulated): the kernels are not built, the message says what is missing,
-    and the NF4 linear still computes, on bitsandbytes' dequantize + float32 matmul."""
+def test_a_cpu_without_avx512_or_avx2_falls_back_to_the_exact_path_with_a_clear_message(monkeypatch, caplog):
+    """Neither AVX-512 nor AVX2 (simulated): the kernels are not built, the message says what
+    is missing, and the NF4 linear still computes, on bitsandbytes' dequantize + float32 matmul."""
     from server import cpu_kernel
-    monkeypatch.setattr(cpu_kernel, "_loaded", None)
-    monkeypatch.setattr(cpu_kernel, "cpu_supports", lambda: (False, "this CPU lacks avx512f, avx512bw"))
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: ["sse2", "avx"])
     torch.manual_seed(2)
     w = torch.randn(64, 128)
     lin = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
     with caplog.at_level("WARNING"):
         why = set_nf4_kernel(lin, True)
     assert lin.kernel is None
-    assert "need AVX-512" in why and "avx512f" in why and "slower" in why
-    assert "avx512f" in caplog.text
-    with pytest.raises(cpu_kernel.KernelUnavailable, match="AVX-512"):
+    assert "need AVX-512 or AVX2 with FMA" in why and "avx512f" in why and "avx2 needs avx2, fma" in why
+    assert "slower" in why and "avx2 needs avx2, fma" in caplog.text
+    with pytest.raises(cpu_kernel.KernelUnavailable, match="AVX-512 or AVX2"):
         cpu_kernel.load()
     import bitsandbytes.functional as F
     x = torch.randn(2, 128)

@@ -2,7 +2,7 @@
 
 Tolerance: both sides compute the NF4 base in float32 on identical codes (PEFT's model on
 bitsandbytes' exact dequantize + matmul, its bf16 CPU kernel switched off; ours on the
-AVX-512 kernel, with the float32 LM head) and add the LoRA term in float32; they differ in
+CPU kernel, with the float32 LM head) and add the LoRA term in float32; they differ in
 summation order only (~1e-5 on tiny and default-model logits). 1e-3 still catches a wrong
 scale (alpha/r), a transposed or missing module.
 """
