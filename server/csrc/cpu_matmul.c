@@ -7,7 +7,7 @@
  *
  * The kernel reads each weight byte once per call. Rows of W are taken NR at a time: their
  * 4-bit codes are expanded into a float32 buffer of NR * K values that stays in L1/L2 (the
- * 16-entry code book lives in registers, simd.h's book_lookup), and the buffer is then
+ * 16-entry code book lives in registers, simd.h's dequant_block), and the buffer is then
  * multiplied with every row of x, MT rows of x at a time, in an NR x MT tile of VL-lane
  * accumulators. Products and sums are float32, so the result equals
  * dequantize + float32 matmul to float rounding (only the summation order differs).
@@ -24,36 +24,19 @@
 
 #include "simd.h"
 
-/* Expand `rows` rows of codes (K/2 bytes each) into buf (rows * K floats), each 2 VL values
- * in "split" order: the VL even elements, then the VL odd ones (the high and the low nibbles
- * of VL bytes). x is put in the same order once per call (split_rows), so the dot products
- * are unchanged and the codes need no interleaving. */
-static void dequant_rows(const uint8_t *codes, const float *absmax, book16 lut, int64_t K, int rows,
+/* Expand `rows` rows of codes (K/2 bytes each) into buf (rows * K floats), each block of 64
+ * in simd.h's buffer order. x is put in the same order once per call (split_rows), so the
+ * dot products are unchanged and the codes need no interleaving. */
+static void dequant_rows(const uint8_t *codes, const float *absmax, const book16 *lut, int64_t K, int rows,
                          float *buf) {
     const int64_t blocks = (int64_t)rows * K / 64;
-    for (int64_t b = 0; b < blocks; b++) {
-        /* code[q] * absmax, looked up from the scaled book: the same float32 product */
-        const book16 book = book_scaled(lut, absmax[b]);
-        const uint8_t *src = codes + b * 32;
-        float *dst = buf + b * 64;
-        for (int j = 0; j < 32; j += VL) {
-            const vi v = vload_u8(src + j);
-            vstore(dst + 2 * j, book_lookup(book, vhigh4(v)));       /* elements 2i */
-            vstore(dst + 2 * j + VL, book_lookup(book, vlow4(v)));   /* elements 2i + 1 */
-        }
-    }
+    for (int64_t b = 0; b < blocks; b++) dequant_block(codes + b * 32, absmax[b], lut, buf + b * 64);
 }
 
-/* Rows of x (T, K), row stride xs, into xp (T, K) contiguous in split order. */
+/* Rows of x (T, K), row stride xs, into xp (T, K) contiguous in buffer order. */
 static void split_rows(const float *x, int64_t T, int64_t K, int64_t xs, float *xp) {
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t k = 0; k < K; k += 2 * VL) {
-            vf even, odd;
-            vsplit(vload(x + t * xs + k), vload(x + t * xs + k + VL), &even, &odd);
-            vstore(xp + t * K + k, even);
-            vstore(xp + t * K + k + VL, odd);
-        }
-    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k += 64) to_buffer_order(x + t * xs + k, xp + t * K + k);
 }
 
 /* y[t, n0 + r] for r < nr, t < T, from the dequantized rows in buf. Inlined, so that the
@@ -134,7 +117,7 @@ static int run_groups(enum weights kind, const void *w, const float *absmax, con
                 const int64_t n0 = g * NR;
                 const int nr = (int)(N - n0 < NR ? N - n0 : NR);
                 if (kind == NF4)
-                    dequant_rows((const uint8_t *)w + n0 * K / 2, absmax + n0 * K / 64, lut, K, nr, buf);
+                    dequant_rows((const uint8_t *)w + n0 * K / 2, absmax + n0 * K / 64, &lut, K, nr, buf);
                 else
                     widen_bf16_rows((const uint16_t *)w + n0 * K, K, nr, buf);
                 if (nr == NR)
@@ -185,13 +168,8 @@ int nf4_dequant_f32(const uint8_t *codes, const float *absmax, const float *code
         const int64_t n0 = c * 16;
         const int rows = (int)(N - n0 < 16 ? N - n0 : 16);
         float *dst = out + n0 * K;
-        dequant_rows(codes + n0 * K / 2, absmax + n0 * K / 64, lut, K, rows, dst);
-        for (int64_t i = 0; i < (int64_t)rows * K; i += 2 * VL) {  /* split order -> natural order */
-            vf a, b;
-            vmerge(vload(dst + i), vload(dst + i + VL), &a, &b);
-            vstore(dst + i, a);
-            vstore(dst + i + VL, b);
-        }
+        dequant_rows(codes + n0 * K / 2, absmax + n0 * K / 64, &lut, K, rows, dst);
+        for (int64_t i = 0; i < (int64_t)rows * K; i += 64) to_natural_order(dst + i);
     }
     return 0;
 }
