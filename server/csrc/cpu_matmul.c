@@ -95,6 +95,37 @@ static __attribute__((noinline)) void tile_part(const float *buf, int nr, int64_
     tile_rows(buf, nr, K, x, T, xs, y, ys, n0, bias);
 }
 
+#if !defined(LP_AVX512)
+/* AVX2, one or two rows of x: no buffer. Each block's code-book values are multiplied with x
+ * straight from the lookup's registers and the block's sum is scaled by its absmax once
+ * (sum_b absmax_b * sum_k code_k x_k: the same products as dequantize + matmul up to float32
+ * rounding, 8 multiplies fewer per block); at these sizes the buffer's stores and loads
+ * cost as much as the FMAs. */
+#define FUSED_T 2
+static void fused_rows(const uint8_t *codes, const float *absmax, const book16 *lut, int64_t K, int nr,
+                       const float *x, int64_t T, float *y, int64_t ys, int64_t n0, const float *bias) {
+    const int64_t blocks = K / 64;
+    for (int r = 0; r < nr; r++) {
+        vf total[FUSED_T] = {vzero(), vzero()};
+        for (int64_t b = 0; b < blocks; b++) {
+            vf w[8];
+            lookup_block(codes + ((n0 + r) * blocks + b) * 32, lut, w);
+            const vf s = vset1(absmax[(n0 + r) * blocks + b]);
+            for (int64_t t = 0; t < T; t++) {
+                const float *xb = x + t * K + b * 64;
+                vf lo = vmul(w[0], vload(xb)), hi = vmul(w[4], vload(xb + 32));
+                for (int j = 1; j < 4; j++) {
+                    lo = vfmadd(w[j], vload(xb + 8 * j), lo);
+                    hi = vfmadd(w[4 + j], vload(xb + 32 + 8 * j), hi);
+                }
+                total[t] = vfmadd(vadd(lo, hi), s, total[t]);
+            }
+        }
+        for (int64_t t = 0; t < T; t++) y[t * ys + n0 + r] = vsum(total[t]) + (bias ? bias[n0 + r] : 0.0f);
+    }
+}
+#endif
+
 enum weights { NF4, BF16 };
 
 /* The shared driver: row groups of W split across threads, each expanded into its float32
@@ -116,6 +147,12 @@ static int run_groups(enum weights kind, const void *w, const float *absmax, con
             for (int64_t g = 0; g < groups; g++) {
                 const int64_t n0 = g * NR;
                 const int nr = (int)(N - n0 < NR ? N - n0 : NR);
+#if !defined(LP_AVX512)
+                if (kind == NF4 && T <= FUSED_T) {  /* x is contiguous here (split_rows) */
+                    fused_rows((const uint8_t *)w, absmax, &lut, K, nr, x, T, y, ys, n0, bias);
+                    continue;
+                }
+#endif
                 if (kind == NF4)
                     dequant_rows((const uint8_t *)w + n0 * K / 2, absmax + n0 * K / 64, &lut, K, nr, buf);
                 else

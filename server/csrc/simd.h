@@ -176,28 +176,35 @@ static inline book16 book_load(const float *code_book) {
     return b;
 }
 
-/* 32 codes (one per byte, < 16) looked up, times s, into 4 vectors at dst: byte i of each
- * 128-bit lane ends in float lane order (i0-3 | i16-19), (i4-7 | i20-23), (i8-11 | i24-27),
- * (i12-15 | i28-31). */
-static inline void lookup32(const book16 *b, __m256i code, __m256 s, float *dst) {
+/* 32 codes (one per byte, < 16) looked up into 4 vectors: byte i of each 128-bit lane ends
+ * in float lane order (i0-3 | i16-19), (i4-7 | i20-23), (i8-11 | i24-27), (i12-15 | i28-31). */
+static inline void lookup32(const book16 *b, __m256i code, __m256 out[4]) {
     const __m256i p0 = _mm256_shuffle_epi8(b->plane[0], code), p1 = _mm256_shuffle_epi8(b->plane[1], code);
     const __m256i p2 = _mm256_shuffle_epi8(b->plane[2], code), p3 = _mm256_shuffle_epi8(b->plane[3], code);
     const __m256i l01 = _mm256_unpacklo_epi8(p0, p1), h01 = _mm256_unpackhi_epi8(p0, p1);
     const __m256i l23 = _mm256_unpacklo_epi8(p2, p3), h23 = _mm256_unpackhi_epi8(p2, p3);
-    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)), s));
-    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)), s));
-    _mm256_storeu_ps(dst + 16, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)), s));
-    _mm256_storeu_ps(dst + 24, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)), s));
+    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+/* A block's 64 code-book values (not yet times absmax) in buffer order: the 32 even elements
+ * in lookup32's order, then the 32 odd ones. */
+static inline void lookup_block(const uint8_t *src, const book16 *lut, __m256 out[8]) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)src), nib = _mm256_set1_epi8(0xF);
+    lookup32(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), out);
+    lookup32(lut, _mm256_and_si256(v, nib), out + 4);
 }
 
 /* One block: 64 codes (32 bytes; element 2i is the high nibble of byte i, 2i + 1 the low
  * one) times absmax (code[q] * absmax, bitsandbytes' float32 product), into dst (64 floats)
  * in buffer order: the 32 even elements in lookup32's order, then the 32 odd ones. */
 static inline void dequant_block(const uint8_t *src, float absmax, const book16 *lut, float *dst) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)src), nib = _mm256_set1_epi8(0xF);
+    __m256 w[8];
+    lookup_block(src, lut, w);
     const __m256 s = _mm256_set1_ps(absmax);
-    lookup32(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), s, dst);
-    lookup32(lut, _mm256_and_si256(v, nib), s, dst + 32);
+    for (int j = 0; j < 8; j++) _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(w[j], s));
 }
 
 /* even (e) and odd (o) elements of 16 natural-order values, and back */
