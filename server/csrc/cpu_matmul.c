@@ -213,6 +213,8 @@ int nf4_dequant_f32(const uint8_t *codes, const float *absmax, const float *code
 
 /* ---- paged decode attention ---------------------------------------------------------- */
 
+#define VCH 8  /* head chunks of VL floats accumulated together in p.V */
+
 /* e^x for VL floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial, ~1 ulp). */
 static inline vf vexp(vf x) {
     x = vmax(vmin(x, vset1(88.3762626647949f)), vset1(-88.3762626647949f));
@@ -248,7 +250,8 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
 #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
         float *scores = aligned_alloc(64, (size_t)(G * padded > 0 ? G * padded : 16) * sizeof(float));
-        if (!scores) {
+        int64_t *at = malloc((size_t)(padded > 0 ? padded : 16) * sizeof(int64_t));  /* token t's K/V row */
+        if (!scores || !at) {
             failed = 1;
         } else {
 #pragma omp for schedule(static)
@@ -256,12 +259,33 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                 const int64_t b = task / Hkv, kvh = task % Hkv, L = context_lens[b];
                 const int64_t *table = block_tables + b * table_stride;
                 const float *qb = q + (b * H + kvh * G) * hd;   /* the group's G query heads */
-                for (int64_t t = 0; t < L; t++) {
-                    const float *kp = k_cache + (table[t / block_size] * block_size + t % block_size) * row + kvh * hd;
-                    for (int64_t g = 0; g < G; g++) {
+                /* each token's offset once (a division per token, not one per token, chunk and head) */
+                for (int64_t t = 0; t < L; t++) at[t] = (table[t / block_size] * block_size + t % block_size) * row + kvh * hd;
+                /* q.k for 4 tokens at a time: 4 independent FMA chains, not one */
+                for (int64_t g = 0; g < G; g++) {
+                    const float *qg = qb + g * hd;
+                    int64_t t = 0;
+                    for (; t + 4 <= L; t += 4) {
+                        const float *k0 = k_cache + at[t], *k1 = k_cache + at[t + 1];
+                        const float *k2 = k_cache + at[t + 2], *k3 = k_cache + at[t + 3];
+                        vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+                        for (int64_t c = 0; c < chunks; c++) {
+                            const vf qv = vload(qg + c * VL);
+                            a0 = vfmadd(qv, vload(k0 + c * VL), a0);
+                            a1 = vfmadd(qv, vload(k1 + c * VL), a1);
+                            a2 = vfmadd(qv, vload(k2 + c * VL), a2);
+                            a3 = vfmadd(qv, vload(k3 + c * VL), a3);
+                        }
+                        float *sg = scores + g * padded + t;
+                        sg[0] = vsum(a0) * scale;
+                        sg[1] = vsum(a1) * scale;
+                        sg[2] = vsum(a2) * scale;
+                        sg[3] = vsum(a3) * scale;
+                    }
+                    for (; t < L; t++) {
+                        const float *kp = k_cache + at[t];
                         vf acc = vzero();
-                        for (int64_t c = 0; c < chunks; c++)
-                            acc = vfmadd(vload(qb + g * hd + c * VL), vload(kp + c * VL), acc);
+                        for (int64_t c = 0; c < chunks; c++) acc = vfmadd(vload(qg + c * VL), vload(kp + c * VL), acc);
                         scores[g * padded + t] = vsum(acc) * scale;
                     }
                 }
@@ -279,20 +303,27 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                     }
                     inv[g] = 1.0f / vsum(sum);
                 }
-                for (int64_t c = 0; c < chunks; c++) {
-                    for (int64_t g = 0; g < G; g++) {
-                        const float *p = scores + g * padded;
-                        vf acc = vzero();
+                /* p.V with tokens outermost: up to VCH chunks of the head accumulate side by
+                 * side (independent chains), each V row read once per head and tile */
+                for (int64_t g = 0; g < G; g++) {
+                    const float *p = scores + g * padded;
+                    for (int64_t c0 = 0; c0 < chunks; c0 += VCH) {
+                        const int64_t nc = chunks - c0 < VCH ? chunks - c0 : VCH;
+                        vf acc[VCH];
+                        for (int64_t c = 0; c < VCH; c++) acc[c] = vzero();
                         for (int64_t t = 0; t < L; t++) {
-                            const float *vp = v_cache + (table[t / block_size] * block_size + t % block_size) * row + kvh * hd;
-                            acc = vfmadd(vset1(p[t]), vload(vp + c * VL), acc);
+                            const float *vp = v_cache + at[t] + c0 * VL;
+                            const vf pt = vset1(p[t]);
+                            for (int64_t c = 0; c < nc; c++) acc[c] = vfmadd(pt, vload(vp + c * VL), acc[c]);
                         }
-                        vstore(out + (b * H + kvh * G + g) * hd + c * VL, vmul(acc, vset1(inv[g])));
+                        for (int64_t c = 0; c < nc; c++)
+                            vstore(out + (b * H + kvh * G + g) * hd + (c0 + c) * VL, vmul(acc[c], vset1(inv[g])));
                     }
                 }
             }
-            free(scores);
         }
+        free(scores);
+        free(at);
     }
     return failed ? -1 : 0;
 }
