@@ -52,6 +52,7 @@ def peers(peers_dir: str, adapters_dir: str, python: str) -> dict[str, Peer]:
     llama = ["bash", os.path.join(peers_dir, "serve-llamacpp.sh"), "{port}"]
     return {
         "loraplex": Peer("loraplex", loraplex, ModelMap(), True, "/ready"),
+        "loraplex-compiled": Peer("loraplex-compiled", loraplex + ["--compile", "on"], ModelMap(), True, "/ready"),
         "loraplex-no-prefix-cache": Peer("loraplex-no-prefix-cache", loraplex + ["--no-enable-prefix-caching"],
                                          ModelMap(), True, "/ready"),
         "vllm": Peer("vllm", vllm, vllm_map, False),

@@ -37,6 +37,7 @@ def test_peer_commands_use_the_peer_scripts_and_the_adapters(tmp_path):
     assert table_["llamacpp-lora"].model_map.resolve("a2").body == {"lora": [{"id": 1, "scale": 1.0}]}
     assert table_["vllm"].model_map.resolve("base").model.endswith("/vllm/model")
     assert table_["loraplex"].command[:3] == ["/py", "-m", "server.cli"] and not table_["llamacpp"].adapters
+    assert table_["loraplex-compiled"].command == table_["loraplex"].command + ["--compile", "on"]
 
 
 def test_table_marks_skipped_and_failed_cells():
