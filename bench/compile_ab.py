@@ -21,10 +21,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.engine import write_adapters  # noqa: E402
+from bench.step_profile import start_decoding  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import Request, SamplingParams  # noqa: E402
 
 
 def _block_ms(engine: Engine, steps: int) -> float:
@@ -49,17 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if compiled is None:
             print("compiling failed; see the log")
             return 1
-        names = write_adapters(engine, tmp, args.adapters) if args.adapters else []
-        steps = args.rounds * args.block * 2 + 64
-        params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
-        for i in range(args.batch):
-            ids = engine.tokenizer.encode(f"Write a long story about the sea, part {i}.")
-            engine.add_request(Request(ids, params, adapter=names[i % len(names)] if names else None))
-        for _ in range(400):  # prefill, adapter loads, until every request decodes
-            engine.step()
-            snap = engine.snapshot()
-            if snap.running == args.batch and snap.waiting == 0:
-                break
+        start_decoding(engine, tmp, args.batch, args.adapters, args.rounds * args.block * 2 + 64)
         times: dict[str, list[float]] = {"compiled": [], "eager": []}
         for r in range(args.rounds):
             for mode in (("compiled", "eager") if r % 2 == 0 else ("eager", "compiled")):

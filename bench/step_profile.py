@@ -54,6 +54,21 @@ def step_bytes(engine: Engine) -> int:
     return sum(storages.values()) + head.numel() * head.element_size()
 
 
+def start_decoding(engine: Engine, adapters_dir: str, batch: int, adapters: int, max_tokens: int) -> None:
+    """Put `batch` requests in flight (with `adapters` random adapters written to
+    `adapters_dir`, round-robin) and step until every one of them decodes."""
+    names = write_adapters(engine, adapters_dir, adapters) if adapters else []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        ids = engine.tokenizer.encode(f"Write a long story about the sea, part {i}.")
+        engine.add_request(Request(ids, params, adapter=names[i % len(names)] if names else None))
+    for _ in range(400):  # prefill, adapter loads, until every request decodes
+        engine.step()
+        snap = engine.snapshot()
+        if snap.running == batch and snap.waiting == 0:
+            break
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
@@ -65,16 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(EngineConfig(adapters_dir=tmp, max_loras=max(args.adapters, 1),
                                      lm_head_dtype=args.lm_head_dtype))
-        names = write_adapters(engine, tmp, args.adapters) if args.adapters else []
-        params = SamplingParams(max_tokens=args.steps * 4 + 64, temperature=0.0, ignore_eos=True)
-        for i in range(args.batch):
-            ids = engine.tokenizer.encode(f"Write a long story about the sea, part {i}.")
-            engine.add_request(Request(ids, params, adapter=names[i % len(names)] if names else None))
-        for _ in range(400):  # prefill, adapter loads, until every request decodes
-            engine.step()
-            snap = engine.snapshot()
-            if snap.running == args.batch and snap.waiting == 0:
-                break
+        start_decoding(engine, tmp, args.batch, args.adapters, args.steps * 4 + 64)
         for _ in range(3):
             engine.step()
         t0 = time.perf_counter()
