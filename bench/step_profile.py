@@ -69,6 +69,36 @@ def start_decoding(engine: Engine, adapters_dir: str, batch: int, adapters: int,
             break
 
 
+KERNEL_CALLS = ("nf4_matmul", "bf16_matmul", "paged_decode_attention", "lora_rows")
+
+
+def kernel_times(engine: Engine, steps: int) -> dict[str, tuple[int, float]]:
+    """(calls, seconds) per CPU kernel entry point over `steps` decode steps, each call timed
+    from Python (ctypes calls are invisible to torch's profiler); {} without the kernels."""
+    from server.cpu_kernel import CpuKernel
+    spent: dict[str, list] = {name: [0, 0.0] for name in KERNEL_CALLS}
+    originals = {name: getattr(CpuKernel, name) for name in KERNEL_CALLS}
+
+    def timed(name, fn):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            spent[name][0] += 1
+            spent[name][1] += time.perf_counter() - t0
+            return out
+        return call
+
+    try:
+        for name, fn in originals.items():
+            setattr(CpuKernel, name, timed(name, fn))
+        for _ in range(steps):
+            engine.step()
+    finally:
+        for name, fn in originals.items():
+            setattr(CpuKernel, name, fn)
+    return {name: (calls, secs) for name, (calls, secs) in spent.items() if calls}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
@@ -90,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 engine.step()
+        kernels = kernel_times(engine, args.steps)
         nbytes = step_bytes(engine)
     gbs = read_gb_s()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    for name, (calls, secs) in kernels.items():
+        print(f"kernel {name}: {secs / args.steps * 1e3:.2f} ms per step, {calls // args.steps} calls "
+              f"of {secs / calls * 1e6:.0f} us")
     print(f"batch {args.batch}, adapters {args.adapters}: {wall * 1e3:.1f} ms per decode step "
           f"(unprofiled), {torch.get_num_threads()} threads")
     floor = nbytes / (gbs * 1e9)

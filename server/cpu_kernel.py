@@ -14,12 +14,20 @@ Why a small C library and not the alternatives:
   library controls. The compiled decode step, when it comes, calls this kernel as an op.
 - A torch C++ extension would work too, but it compiles against torch's headers, which
   takes far longer than this plain C file with intrinsics (about a second with gcc).
-  Loaded after torch, it shares torch's OpenMP runtime (the same libgomp.so.1).
 
-One source, two instruction sets (csrc/simd.h): AVX-512 (16 lanes; the code book in one
-register) and AVX2 with FMA (8 lanes; the book in two registers, picked by the code's top
-bit). The build takes the widest set the CPU has (`LORAPLEX_CPU_ISA=avx2` asks for the
-narrower one); both give bitsandbytes' dequantized values exactly and float32 sums.
+Threads: the kernels run on a small pool of their own (csrc/pool.h), not OpenMP. Under
+OMP_WAIT_POLICY=PASSIVE every OpenMP region had to wake a sleeping thread, which here cost
+about as much as the call (batch-8 step 40-44 ms; 23-25 ms on the pool); the pool's workers
+spin at most 200 us after a call, then sleep, and the caller does any share a late worker
+has not taken.
+
+One source, three instruction sets (csrc/simd.h, csrc/amx.h): AVX-512 (16 lanes; the code
+book in one register), AVX2 with FMA (8 lanes; the book as byte planes), and AMX (Sapphire
+Rapids' tile unit, on top of the AVX-512 build) for the NF4 matmul from 6 rows of x and the
+bf16 head. The build takes the widest set the CPU has (`LORAPLEX_CPU_ISA=avx512` or `avx2`
+asks for a narrower one). AVX-512 and AVX2 give bitsandbytes' dequantized values exactly and
+float32 sums; AMX multiplies bf16x3 splits of the same float32 values (csrc/amx.h), within
+3 * 2^-16 of each product (MATMUL_REL_ERROR).
 
 The library is built into the model cache (`cache_dir()/kernels/`) under a name that hashes
 the source, the instruction set, the flags and the compiler, written to a temporary path and renamed, so a
@@ -49,16 +57,23 @@ from server.config import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_matmul.c"
-HEADERS = (SOURCE.with_name("simd.h"),)
-COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+HEADERS = (SOURCE.with_name("simd.h"), SOURCE.with_name("amx.h"))
+COMMON_FLAGS = ("-O3", "-pthread", "-fPIC", "-shared")
 # The instruction sets the kernels are written for (csrc/simd.h), widest first: the CPU
 # flags each needs and the compiler flags that select it.
 ISAS = {
+    "amx": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16", "amx_tile", "amx_bf16"),
+            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx512bf16", "-mamx-tile",
+             "-mamx-bf16", "-DLP_AVX512", "-DLP_AMX")),
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
                ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DLP_AVX512")),
     "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
 }
-ISA_ENV = "LORAPLEX_CPU_ISA"  # avx512 | avx2: build for that set (the tests take the narrower one too)
+# What each set's matmuls may differ from float64 arithmetic on the same float32 inputs, as a
+# fraction of sum |x| |w| per output: float32 rounding (AVX-512, AVX2), or AMX's bf16x3
+# products (csrc/amx.h: at most 3 * 2^-16 per term) plus float32 rounding.
+MATMUL_REL_ERROR = {"amx": 3 * 2.0 ** -16 + 1e-6, "avx512": 1e-6, "avx2": 1e-6}
+ISA_ENV = "LORAPLEX_CPU_ISA"  # amx | avx512 | avx2: build for that set (the tests take the narrower ones too)
 
 
 class KernelUnavailable(RuntimeError):
@@ -73,6 +88,7 @@ class CpuKernel:
     lib: ctypes.CDLL
     path: Path
     isa: str  # a key of ISAS
+    threads: int  # the kernels' threads (pool.h): torch's intra-op thread count when loaded
 
     def nf4_matmul(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor,
                out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -84,7 +100,7 @@ class CpuKernel:
         rc = self.lib.nf4_matmul_f32(
             x.data_ptr(), t, k, x.stride(0), codes.data_ptr(), absmax.data_ptr(), code_book.data_ptr(),
             out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
-            torch.get_num_threads())
+            self.threads)
         if rc != 0:
             raise RuntimeError(f"nf4_matmul_f32 failed on x {tuple(x.shape)} -> {out_features}")
         return y
@@ -99,7 +115,7 @@ class CpuKernel:
         assert weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.shape[1] == k
         y = torch.empty(t, n, dtype=torch.float32)  # (T, N)
         rc = self.lib.bf16_matmul_f32(x.data_ptr(), t, k, x.stride(0), weight.data_ptr(), n, y.data_ptr(),
-                                      y.stride(0), torch.get_num_threads())
+                                      y.stride(0), self.threads)
         if rc != 0:
             raise RuntimeError(f"bf16_matmul_f32 failed on x {tuple(x.shape)} -> {n}")
         return y
@@ -121,7 +137,7 @@ class CpuKernel:
         rc = self.lib.paged_decode_attention_f32(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
             lens.data_ptr(), b, h, hkv, hd, block_size, scale, out.data_ptr(),
-            torch.get_num_threads())
+            self.threads)
         if rc != 0:
             raise RuntimeError(f"paged_decode_attention_f32 failed on q {tuple(q.shape)}")
         return out
@@ -140,7 +156,7 @@ class CpuKernel:
         assert a.shape == (bt.shape[0], r_max, k) and y.shape == (t, n)
         rc = self.lib.lora_rows_f32(x.data_ptr(), t, k, x.stride(0), a.data_ptr(), r_max, bt.data_ptr(), n,
                                     slots.data_ptr(), ranks.data_ptr(), y.data_ptr(), y.stride(0),
-                                    torch.get_num_threads())
+                                    self.threads)
         if rc != 0:
             raise RuntimeError(f"lora_rows_f32 failed on x {tuple(x.shape)} -> {n}")
         return y
@@ -150,7 +166,7 @@ class CpuKernel:
         """The dense (N, K) float32 weight, as this kernel reads the codes."""
         w = torch.empty(out_features, in_features, dtype=torch.float32)
         rc = self.lib.nf4_dequant_f32(codes.data_ptr(), absmax.data_ptr(), code_book.data_ptr(),
-                                      out_features, in_features, w.data_ptr(), torch.get_num_threads())
+                                      out_features, in_features, w.data_ptr(), self.threads)
         if rc != 0:
             raise RuntimeError(f"nf4_dequant_f32 failed on ({out_features}, {in_features})")
         return w
@@ -268,7 +284,7 @@ def _load(isa: str | None) -> CpuKernel | KernelUnavailable:
     for fn in (lib.nf4_matmul_f32, lib.nf4_dequant_f32, lib.bf16_matmul_f32, lib.paged_decode_attention_f32,
                lib.lora_rows_f32):
         fn.restype = ctypes.c_int
-    return CpuKernel(lib, path, isa)
+    return CpuKernel(lib, path, isa, torch.get_num_threads())
 
 
 def main() -> int:

@@ -38,11 +38,12 @@ def test_no_compiler_is_a_clear_message(tmp_path, monkeypatch):
 
 AVX512_CPU = ["sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"]
 AVX2_CPU = ["sse2", "avx", "avx2", "fma"]
+AMX_CPU = AVX512_CPU + ["avx512_bf16", "amx_tile", "amx_bf16"]
 
 
 @pytest.mark.parametrize("flags,env,expected", [
     (AVX512_CPU, "", "avx512"), (AVX2_CPU, "", "avx2"), (AVX512_CPU, "avx2", "avx2"),
-    (AVX512_CPU + ["avx512_bf16"], "avx512", "avx512")])
+    (AVX512_CPU + ["avx512_bf16"], "", "avx512"), (AMX_CPU, "", "amx"), (AMX_CPU, "avx512", "avx512")])
 def test_the_widest_instruction_set_the_cpu_has_is_built_unless_one_is_asked_for(
         flags, env, expected, tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: flags)
@@ -51,13 +52,15 @@ def test_the_widest_instruction_set_the_cpu_has_is_built_unless_one_is_asked_for
     assert cpu_kernel.choose_isa() == expected
     compiler = cpu_kernel._compiler()
     assert cpu_kernel.library_path(compiler, expected).name.startswith(f"cpu_matmul-{expected}-")
-    assert cpu_kernel.library_path(compiler, "avx2") != cpu_kernel.library_path(compiler, "avx512")
+    paths = {cpu_kernel.library_path(compiler, isa) for isa in cpu_kernel.ISAS}
+    assert len(paths) == len(cpu_kernel.ISAS)
 
 
 @pytest.mark.parametrize("flags,env,message", [
     (["sse2", "avx", "avx2"], "", "avx2 needs fma"),                      # AVX2 without FMA
     (AVX2_CPU, "avx512", "avx512 needs avx512f, avx512bw, avx512vl, avx512dq"),
-    (AVX512_CPU, "neon", "'neon' is not one of avx512, avx2")])
+    (AVX512_CPU, "amx", "amx needs avx512_bf16, amx_tile, amx_bf16"),
+    (AVX512_CPU, "neon", "'neon' is not one of amx, avx512, avx2")])
 def test_an_instruction_set_the_cpu_lacks_is_a_clear_message(flags, env, message, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: flags)
     monkeypatch.setenv(cpu_kernel.ISA_ENV, env)
@@ -94,3 +97,70 @@ def test_lora_rows_equal_a_float64_loop(isa):
         if s >= 0:
             want = want + (a[s, :r].double() @ x[i].double()) @ bt[s, :r].double()
         torch.testing.assert_close(y[i].double(), want, atol=1e-4, rtol=1e-5)
+
+
+def _nf4_case(seed: int, rows: int):
+    import bitsandbytes.functional as F
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(1536, 576, generator=g) * 0.05
+    codes, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4",
+                                quant_storage=torch.uint8)
+    return torch.randn(rows, 576, generator=g), codes, qs
+
+
+def test_callers_on_several_threads_each_get_their_own_result():
+    """The kernels' thread pool (csrc/pool.h) takes one call at a time; callers on other
+    threads wait their turn and every result equals the same call made alone."""
+    import threading
+    kernel = cpu_kernel.load()
+    cases = [_nf4_case(seed, rows) for seed, rows in enumerate((1, 8, 33, 5))]
+    alone = [kernel.nf4_matmul(x, c, qs.absmax, qs.code, 1536, None) for x, c, qs in cases]
+    got: dict[int, list] = {}
+
+    def call(i):
+        x, c, qs = cases[i]
+        got[i] = [kernel.nf4_matmul(x, c, qs.absmax, qs.code, 1536, None) for _ in range(20)]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    import torch
+    assert all(not t.is_alive() for t in threads)
+    for i, want in enumerate(alone):
+        assert all(torch.equal(y, want) for y in got[i])
+
+
+def test_a_forked_child_runs_the_kernels_without_the_parents_pool_threads():
+    """A child forked after the pool's workers started has none of them; the caller takes
+    every chunk itself (work is claimed, never assigned), so the call still completes."""
+    import torch
+    kernel = cpu_kernel.load()
+    x, codes, qs = _nf4_case(7, 8)
+    want = kernel.nf4_matmul(x, codes, qs.absmax, qs.code, 1536, None)  # the parent's pool is up
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one kernel call, its result's bytes down the pipe, exit
+        try:
+            y = kernel.nf4_matmul(x, codes, qs.absmax, qs.code, 1536, None)
+            os.write(write, y.numpy().tobytes())
+        finally:
+            os._exit(0)
+    os.close(write)
+    import select
+    got = b""
+    with os.fdopen(read, "rb") as f:
+        while len(got) < 8 * 1536 * 4:
+            ready, _, _ = select.select([f], [], [], 120)
+            if not ready:
+                os.kill(pid, 9)
+                raise AssertionError("the child's kernel call did not complete in 120 s")
+            chunk = os.read(f.fileno(), 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert torch.equal(torch.frombuffer(bytearray(got), dtype=torch.float32).view(8, 1536), want)

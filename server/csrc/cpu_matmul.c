@@ -23,6 +23,10 @@
 #include <stdlib.h>
 
 #include "simd.h"
+#include "pool.h"
+#if defined(LP_AMX)
+#include "amx.h"
+#endif
 
 /* Expand `rows` rows of codes (K/2 bytes each) into buf (rows * K floats), each block of 64
  * in simd.h's buffer order. x is put in the same order once per call (split_rows), so the
@@ -128,44 +132,64 @@ static void fused_rows(const uint8_t *codes, const float *absmax, const book16 *
 
 enum weights { NF4, BF16 };
 
-/* The shared driver: row groups of W split across threads, each expanded into its float32
- * buffer and multiplied with every row of x (already in the order the expansion produces). */
+typedef struct {
+    enum weights kind;
+    const void *w;
+    const float *absmax, *x, *bias;
+    const book16 *lut;
+    int64_t T, K, xs, N, ys;
+    float *y;
+    _Atomic int failed;
+} groups_job;
+
+/* Row groups [lo, hi) of W: each expanded into this thread's float32 buffer and multiplied
+ * with every row of x (already in the order the expansion produces). */
+static void run_group_range(void *arg, int64_t lo, int64_t hi) {
+    groups_job *j = arg;
+    float *buf = lp_scratch(0, (size_t)NR * j->K * sizeof(float));
+    if (!buf) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    for (int64_t g = lo; g < hi; g++) {
+        const int64_t n0 = g * NR;
+        const int nr = (int)(j->N - n0 < NR ? j->N - n0 : NR);
+#if !defined(LP_AVX512)
+        if (j->kind == NF4 && j->T <= FUSED_T) {  /* x is contiguous here (split_rows) */
+            fused_rows((const uint8_t *)j->w, j->absmax, j->lut, j->K, nr, j->x, j->T, j->y, j->ys, n0, j->bias);
+            continue;
+        }
+#endif
+        if (j->kind == NF4)
+            dequant_rows((const uint8_t *)j->w + n0 * j->K / 2, j->absmax + n0 * j->K / 64, j->lut, j->K, nr, buf);
+        else
+            widen_bf16_rows((const uint16_t *)j->w + n0 * j->K, j->K, nr, buf);
+        if (nr == NR)
+            tile_full(buf, j->K, j->x, j->T, j->xs, j->y, j->ys, n0, j->bias);
+        else
+            tile_part(buf, nr, j->K, j->x, j->T, j->xs, j->y, j->ys, n0, j->bias);
+    }
+}
+
+/* Chunks of work per thread a call is split into: enough that a late thread's share is
+ * small, few enough that claiming stays cheap. */
+#define CHUNKS_PER_THREAD 4
+
+static int64_t chunk_of(int64_t n, int threads) {
+    const int64_t parts = (int64_t)(threads > 0 ? threads : 1) * CHUNKS_PER_THREAD;
+    return (n + parts - 1) / parts;
+}
+
+/* The shared driver: row groups of W split across the pool's threads (pool.h). */
 static int run_groups(enum weights kind, const void *w, const float *absmax, const float *code_book,
                       const float *x, int64_t T, int64_t K, int64_t xs, int64_t N, const float *bias,
                       float *y, int64_t ys, int threads) {
     const float none[16] = {0};
     const book16 lut = book_load(code_book ? code_book : none);
     const int64_t groups = (N + NR - 1) / NR;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(|: failed)
-    {
-        float *buf = aligned_alloc(64, (size_t)NR * K * sizeof(float));
-        if (!buf) {
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t g = 0; g < groups; g++) {
-                const int64_t n0 = g * NR;
-                const int nr = (int)(N - n0 < NR ? N - n0 : NR);
-#if !defined(LP_AVX512)
-                if (kind == NF4 && T <= FUSED_T) {  /* x is contiguous here (split_rows) */
-                    fused_rows((const uint8_t *)w, absmax, &lut, K, nr, x, T, y, ys, n0, bias);
-                    continue;
-                }
-#endif
-                if (kind == NF4)
-                    dequant_rows((const uint8_t *)w + n0 * K / 2, absmax + n0 * K / 64, &lut, K, nr, buf);
-                else
-                    widen_bf16_rows((const uint16_t *)w + n0 * K, K, nr, buf);
-                if (nr == NR)
-                    tile_full(buf, K, x, T, xs, y, ys, n0, bias);
-                else
-                    tile_part(buf, nr, K, x, T, xs, y, ys, n0, bias);
-            }
-            free(buf);
-        }
-    }
-    return failed ? -1 : 0;
+    groups_job job = {kind, w, absmax, x, bias, &lut, T, K, xs, N, ys, y, 0};
+    lp_parallel(groups, chunk_of(groups, threads), run_group_range, &job, threads);
+    return atomic_load(&job.failed) ? -1 : 0;
 }
 
 /* y (T, N) with row stride ys = x (T, K) with row stride xs @ dequant(codes, absmax).T + bias.
@@ -175,6 +199,10 @@ int nf4_matmul_f32(const float *x, int64_t T, int64_t K, int64_t xs, const uint8
                    float *y, int64_t ys, int threads) {
     if (K % 64 != 0 || K <= 0 || N <= 0 || T < 0) return -1;
     if (T == 0) return 0;
+#if defined(LP_AMX)
+    if (T >= AMX_NF4_ROWS && N % (2 * AMX_N) == 0 && amx_ready())
+        return amx_matmul(codes, absmax, code_book, NULL, x, T, K, xs, N, bias, y, ys, threads);
+#endif
     float *xp = aligned_alloc(64, (size_t)T * K * sizeof(float));  /* x in split order */
     if (!xp) return -1;
     split_rows(x, T, K, xs, xp);
@@ -189,25 +217,42 @@ int bf16_matmul_f32(const float *x, int64_t T, int64_t K, int64_t xs, const uint
                     float *y, int64_t ys, int threads) {
     if (K % 16 != 0 || K <= 0 || N <= 0 || T < 0) return -1;
     if (T == 0) return 0;
+#if defined(LP_AMX)
+    if (K % AMX_K == 0 && N % (2 * AMX_N) == 0 && amx_ready())
+        return amx_matmul(NULL, NULL, NULL, w, x, T, K, xs, N, NULL, y, ys, threads);
+#endif
     return run_groups(BF16, w, NULL, NULL, x, T, K, xs, N, NULL, y, ys, threads);
 }
 
 /* dequant(codes, absmax) as a dense (N, K) float32 matrix: the weight of the prefill path
  * (server/model/quant.py, DENSE_ROWS) and the layout check the tests use. Rows are split
  * across `threads` threads, 16 at a time, each expanded and put back in natural order. */
+typedef struct {
+    const uint8_t *codes;
+    const float *absmax;
+    const book16 *lut;
+    int64_t N, K;
+    float *out;
+} dequant_job;
+
+static void dequant_range(void *arg, int64_t lo, int64_t hi) {
+    const dequant_job *j = arg;
+    for (int64_t c = lo; c < hi; c++) {
+        const int64_t n0 = c * 16;
+        const int rows = (int)(j->N - n0 < 16 ? j->N - n0 : 16);
+        float *dst = j->out + n0 * j->K;
+        dequant_rows(j->codes + n0 * j->K / 2, j->absmax + n0 * j->K / 64, j->lut, j->K, rows, dst);
+        for (int64_t i = 0; i < (int64_t)rows * j->K; i += 64) to_natural_order(dst + i);
+    }
+}
+
 int nf4_dequant_f32(const uint8_t *codes, const float *absmax, const float *code_book, int64_t N,
                     int64_t K, float *out, int threads) {
     if (K % 64 != 0 || K <= 0 || N <= 0) return -1;
     const book16 lut = book_load(code_book);
     const int64_t chunks = (N + 15) / 16;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        const int64_t n0 = c * 16;
-        const int rows = (int)(N - n0 < 16 ? N - n0 : 16);
-        float *dst = out + n0 * K;
-        dequant_rows(codes + n0 * K / 2, absmax + n0 * K / 64, &lut, K, rows, dst);
-        for (int64_t i = 0; i < (int64_t)rows * K; i += 64) to_natural_order(dst + i);
-    }
+    dequant_job job = {codes, absmax, &lut, N, K, out};
+    lp_parallel(chunks, chunk_of(chunks, threads), dequant_range, &job, threads);
     return 0;
 }
 
@@ -237,95 +282,110 @@ static inline vf vexp(vf x) {
  * Scores, softmax and the weighted sum of V are float32; exp is vexp above. hd must be a
  * multiple of 16 and H / Hkv at most 64; returns -1 otherwise or when a buffer cannot be
  * allocated. */
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    const int64_t *block_tables, *context_lens;
+    int64_t table_stride, B, H, Hkv, hd, block_size, padded;
+    float scale, *out;
+    _Atomic int failed;
+} attention_job;
+
+/* Tasks [lo, hi) of B * Hkv: one (sequence, KV head) each, with its group of query heads. */
+static void attention_range(void *arg, int64_t lo, int64_t hi) {
+    attention_job *j = arg;
+    const float *q = j->q, *k_cache = j->k_cache, *v_cache = j->v_cache;
+    const int64_t *block_tables = j->block_tables, *context_lens = j->context_lens;
+    const int64_t table_stride = j->table_stride, H = j->H, Hkv = j->Hkv, hd = j->hd;
+    const int64_t block_size = j->block_size, padded = j->padded;
+    const int64_t G = H / Hkv, chunks = hd / VL, row = Hkv * hd;
+    const float scale = j->scale;
+    float *out = j->out;
+    float *scores = lp_scratch(0, (size_t)(G * padded > 0 ? G * padded : 16) * sizeof(float));
+    int64_t *at = lp_scratch(1, (size_t)(padded > 0 ? padded : 16) * sizeof(int64_t));  /* token t's K/V row */
+    if (!scores || !at) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    for (int64_t task = lo; task < hi; task++) {
+        const int64_t b = task / Hkv, kvh = task % Hkv, L = context_lens[b];
+        const int64_t *table = block_tables + b * table_stride;
+        const float *qb = q + (b * H + kvh * G) * hd;   /* the group's G query heads */
+        /* each token's offset once (a division per token, not one per token, chunk and head) */
+        for (int64_t t = 0; t < L; t++) at[t] = (table[t / block_size] * block_size + t % block_size) * row + kvh * hd;
+        /* q.k for 4 tokens at a time: 4 independent FMA chains, not one */
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = qb + g * hd;
+            int64_t t = 0;
+            for (; t + 4 <= L; t += 4) {
+                const float *k0 = k_cache + at[t], *k1 = k_cache + at[t + 1];
+                const float *k2 = k_cache + at[t + 2], *k3 = k_cache + at[t + 3];
+                vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+                for (int64_t c = 0; c < chunks; c++) {
+                    const vf qv = vload(qg + c * VL);
+                    a0 = vfmadd(qv, vload(k0 + c * VL), a0);
+                    a1 = vfmadd(qv, vload(k1 + c * VL), a1);
+                    a2 = vfmadd(qv, vload(k2 + c * VL), a2);
+                    a3 = vfmadd(qv, vload(k3 + c * VL), a3);
+                }
+                float *sg = scores + g * padded + t;
+                sg[0] = vsum(a0) * scale;
+                sg[1] = vsum(a1) * scale;
+                sg[2] = vsum(a2) * scale;
+                sg[3] = vsum(a3) * scale;
+            }
+            for (; t < L; t++) {
+                const float *kp = k_cache + at[t];
+                vf acc = vzero();
+                for (int64_t c = 0; c < chunks; c++) acc = vfmadd(vload(qg + c * VL), vload(kp + c * VL), acc);
+                scores[g * padded + t] = vsum(acc) * scale;
+            }
+        }
+        float inv[64];
+        for (int64_t g = 0; g < G; g++) {
+            float *s = scores + g * padded;
+            vf m = vset1(-INFINITY);
+            for (int64_t t = 0; t < L; t += VL) m = vmax(m, vload_first(s + t, L - t, -INFINITY));
+            const vf mx = vset1(vhmax(m));
+            vf sum = vzero();
+            for (int64_t t = 0; t < L; t += VL) {
+                vf e = vkeep_first(vexp(vsub(vload_first(s + t, L - t, 0.0f), mx)), L - t);
+                vstore_first(s + t, L - t, e);
+                sum = vadd(sum, e);
+            }
+            inv[g] = 1.0f / vsum(sum);
+        }
+        /* p.V with tokens outermost: up to VCH chunks of the head accumulate side by
+         * side (independent chains), each V row read once per head and tile */
+        for (int64_t g = 0; g < G; g++) {
+            const float *p = scores + g * padded;
+            for (int64_t c0 = 0; c0 < chunks; c0 += VCH) {
+                const int64_t nc = chunks - c0 < VCH ? chunks - c0 : VCH;
+                vf acc[VCH];
+                for (int64_t c = 0; c < VCH; c++) acc[c] = vzero();
+                for (int64_t t = 0; t < L; t++) {
+                    const float *vp = v_cache + at[t] + c0 * VL;
+                    const vf pt = vset1(p[t]);
+                    for (int64_t c = 0; c < nc; c++) acc[c] = vfmadd(pt, vload(vp + c * VL), acc[c]);
+                }
+                for (int64_t c = 0; c < nc; c++)
+                    vstore(out + (b * H + kvh * G + g) * hd + (c0 + c) * VL, vmul(acc[c], vset1(inv[g])));
+            }
+        }
+    }
+}
+
 int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                const int64_t *block_tables, int64_t table_stride,
                                const int64_t *context_lens, int64_t B, int64_t H, int64_t Hkv,
                                int64_t hd, int64_t block_size, float scale, float *out, int threads) {
     if (hd % 16 != 0 || hd <= 0 || Hkv <= 0 || H % Hkv != 0 || H / Hkv > 64 || B < 0) return -1;
-    const int64_t G = H / Hkv, chunks = hd / VL, row = Hkv * hd;
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = context_lens[b] > max_len ? context_lens[b] : max_len;
     const int64_t padded = (max_len + 15) / 16 * 16;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(|: failed)
-    {
-        float *scores = aligned_alloc(64, (size_t)(G * padded > 0 ? G * padded : 16) * sizeof(float));
-        int64_t *at = malloc((size_t)(padded > 0 ? padded : 16) * sizeof(int64_t));  /* token t's K/V row */
-        if (!scores || !at) {
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t task = 0; task < B * Hkv; task++) {
-                const int64_t b = task / Hkv, kvh = task % Hkv, L = context_lens[b];
-                const int64_t *table = block_tables + b * table_stride;
-                const float *qb = q + (b * H + kvh * G) * hd;   /* the group's G query heads */
-                /* each token's offset once (a division per token, not one per token, chunk and head) */
-                for (int64_t t = 0; t < L; t++) at[t] = (table[t / block_size] * block_size + t % block_size) * row + kvh * hd;
-                /* q.k for 4 tokens at a time: 4 independent FMA chains, not one */
-                for (int64_t g = 0; g < G; g++) {
-                    const float *qg = qb + g * hd;
-                    int64_t t = 0;
-                    for (; t + 4 <= L; t += 4) {
-                        const float *k0 = k_cache + at[t], *k1 = k_cache + at[t + 1];
-                        const float *k2 = k_cache + at[t + 2], *k3 = k_cache + at[t + 3];
-                        vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-                        for (int64_t c = 0; c < chunks; c++) {
-                            const vf qv = vload(qg + c * VL);
-                            a0 = vfmadd(qv, vload(k0 + c * VL), a0);
-                            a1 = vfmadd(qv, vload(k1 + c * VL), a1);
-                            a2 = vfmadd(qv, vload(k2 + c * VL), a2);
-                            a3 = vfmadd(qv, vload(k3 + c * VL), a3);
-                        }
-                        float *sg = scores + g * padded + t;
-                        sg[0] = vsum(a0) * scale;
-                        sg[1] = vsum(a1) * scale;
-                        sg[2] = vsum(a2) * scale;
-                        sg[3] = vsum(a3) * scale;
-                    }
-                    for (; t < L; t++) {
-                        const float *kp = k_cache + at[t];
-                        vf acc = vzero();
-                        for (int64_t c = 0; c < chunks; c++) acc = vfmadd(vload(qg + c * VL), vload(kp + c * VL), acc);
-                        scores[g * padded + t] = vsum(acc) * scale;
-                    }
-                }
-                float inv[64];
-                for (int64_t g = 0; g < G; g++) {
-                    float *s = scores + g * padded;
-                    vf m = vset1(-INFINITY);
-                    for (int64_t t = 0; t < L; t += VL) m = vmax(m, vload_first(s + t, L - t, -INFINITY));
-                    const vf mx = vset1(vhmax(m));
-                    vf sum = vzero();
-                    for (int64_t t = 0; t < L; t += VL) {
-                        vf e = vkeep_first(vexp(vsub(vload_first(s + t, L - t, 0.0f), mx)), L - t);
-                        vstore_first(s + t, L - t, e);
-                        sum = vadd(sum, e);
-                    }
-                    inv[g] = 1.0f / vsum(sum);
-                }
-                /* p.V with tokens outermost: up to VCH chunks of the head accumulate side by
-                 * side (independent chains), each V row read once per head and tile */
-                for (int64_t g = 0; g < G; g++) {
-                    const float *p = scores + g * padded;
-                    for (int64_t c0 = 0; c0 < chunks; c0 += VCH) {
-                        const int64_t nc = chunks - c0 < VCH ? chunks - c0 : VCH;
-                        vf acc[VCH];
-                        for (int64_t c = 0; c < VCH; c++) acc[c] = vzero();
-                        for (int64_t t = 0; t < L; t++) {
-                            const float *vp = v_cache + at[t] + c0 * VL;
-                            const vf pt = vset1(p[t]);
-                            for (int64_t c = 0; c < nc; c++) acc[c] = vfmadd(pt, vload(vp + c * VL), acc[c]);
-                        }
-                        for (int64_t c = 0; c < nc; c++)
-                            vstore(out + (b * H + kvh * G + g) * hd + (c0 + c) * VL, vmul(acc[c], vset1(inv[g])));
-                    }
-                }
-            }
-        }
-        free(scores);
-        free(at);
-    }
-    return failed ? -1 : 0;
+    attention_job job = {q, k_cache, v_cache, block_tables, context_lens, table_stride, B, H, Hkv, hd,
+                         block_size, padded, scale, out, 0};
+    lp_parallel(B * Hkv, chunk_of(B * Hkv, threads), attention_range, &job, threads);
+    return atomic_load(&job.failed) ? -1 : 0;
 }
 
 /* ---- LoRA rows ------------------------------------------------------------------------ */
@@ -336,25 +396,30 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
  * x (T, K) row stride xs, y (T, N) row stride ys, in place; float32 products and sums. Rows
  * are split across threads (each row writes only its own y row). K and N must be multiples of
  * 16 and r_max at most 1024; returns -1 otherwise. */
-int lora_rows_f32(const float *x, int64_t T, int64_t K, int64_t xs, const float *a, int64_t r_max,
-                  const float *bt, int64_t N, const int64_t *slots, const int64_t *ranks, float *y,
-                  int64_t ys, int threads) {
-    if (K % 16 != 0 || N % 16 != 0 || K <= 0 || N <= 0 || r_max <= 0 || r_max > 1024 || T < 0) return -1;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < T; t++) {
-        const int64_t s = slots[t], r = ranks[t];
+typedef struct {
+    const float *x, *a, *bt;
+    const int64_t *slots, *ranks;
+    int64_t K, xs, r_max, N, ys;
+    float *y;
+} lora_job;
+
+static void lora_range(void *arg, int64_t lo, int64_t hi) {
+    const lora_job *j = arg;
+    const int64_t K = j->K, N = j->N, r_max = j->r_max;
+    for (int64_t t = lo; t < hi; t++) {
+        const int64_t s = j->slots[t], r = j->ranks[t];
         if (s < 0 || r <= 0) continue;
         float h[1024];
-        const float *xt = x + t * xs;
+        const float *xt = j->x + t * j->xs;
         for (int64_t k = 0; k < r; k++) {
-            const float *ak = a + (s * r_max + k) * K;
+            const float *ak = j->a + (s * r_max + k) * K;
             vf acc = vzero();
             for (int64_t i = 0; i < K; i += VL)
                 acc = vfmadd(vload(ak + i), vload(xt + i), acc);
             h[k] = vsum(acc);
         }
-        float *yt = y + t * ys;
-        const float *bs = bt + s * r_max * N;
+        float *yt = j->y + t * j->ys;
+        const float *bs = j->bt + s * r_max * N;
         for (int64_t n = 0; n < N; n += VL) {
             vf acc = vload(yt + n);
             for (int64_t k = 0; k < r; k++)
@@ -362,5 +427,13 @@ int lora_rows_f32(const float *x, int64_t T, int64_t K, int64_t xs, const float 
             vstore(yt + n, acc);
         }
     }
+}
+
+int lora_rows_f32(const float *x, int64_t T, int64_t K, int64_t xs, const float *a, int64_t r_max,
+                  const float *bt, int64_t N, const int64_t *slots, const int64_t *ranks, float *y,
+                  int64_t ys, int threads) {
+    if (K % 16 != 0 || N % 16 != 0 || K <= 0 || N <= 0 || r_max <= 0 || r_max > 1024 || T < 0) return -1;
+    lora_job job = {x, a, bt, slots, ranks, K, xs, r_max, N, ys, y};
+    lp_parallel(T, chunk_of(T, threads), lora_range, &job, threads);
     return 0;
 }

@@ -7,8 +7,9 @@ codes are made by bitsandbytes' own `quantize_4bit`, so an adapter trained with 
 this base sees the same weights here.
 
 The matmul, chosen once when the model loads:
-- CPU: `NF4Linear` with the project's kernel (server/cpu_kernel.py; AVX-512 or AVX2),
-  which reads the canonical codes in place and computes in float32: it equals bitsandbytes'
+- CPU: `NF4Linear` with the project's kernel (server/cpu_kernel.py; AVX-512 or AVX2, AMX
+  from 6 rows), which reads the canonical codes in place and computes in float32 (AMX: bf16x3
+  products of the same float32 values, within 3 * 2^-16 each): it equals bitsandbytes'
   dequantize_4bit + a float32 matmul to float rounding. Where the kernel cannot run (neither
   AVX-512 nor AVX2, no compiler) or `set_nf4_kernel(model, False)` asks for it (the tests'
   oracle), the same module dequantizes with bitsandbytes and runs a float32 matmul: same maths,

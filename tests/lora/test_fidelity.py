@@ -11,7 +11,7 @@ in summation order (~1e-5 here): bound 1e-3.
 NF4: both sides quantize the same float32 tensors with bitsandbytes (byte-identical codes,
 see tests/model/test_quant.py). The reference runs bitsandbytes' exact float32 dequantize +
 matmul (its fused CPU kernel rounds to bf16 and is switched off); ours runs its serving
-path, the CPU NF4 kernel (AVX-512 or AVX2), which computes in float32 too. The LoRA path is float32 on
+path, the CPU NF4 kernel (AVX-512 or AVX2 in float32; AMX in bf16x3, within 3 * 2^-16 per product). The LoRA path is float32 on
 both sides, so the same 1e-3 bound holds, and the base-only row must match too. In addition, each NF4 LoRA linear fed
 one input must add what PEFT's bnb LoRA layer adds, to 1e-5. Every adapter must move its
 row's logits by over 5x the bound, or the comparison would prove nothing.

@@ -18,7 +18,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import Request, SamplingParams
-from server.cpu_kernel import load as load_kernel, supported_isas
+from server.cpu_kernel import MATMUL_REL_ERROR, load as load_kernel, supported_isas
 from server.model.loader import load_model
 
 BF16_REL = 2.0 ** -9
@@ -31,10 +31,12 @@ def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("isa", supported_isas())
-@pytest.mark.parametrize("rows,hidden,batch", [(100, 64, 1), (513, 576, 8), (49152 // 16, 576, 33), (8, 16, 3)])
+@pytest.mark.parametrize("rows,hidden,batch", [(100, 64, 1), (513, 576, 8), (49152 // 16, 576, 33), (8, 16, 3),
+                                               (512, 576, 20)])
 def test_bf16_kernel_equals_float64_on_widened_weights(rows, hidden, batch, isa):
     """The kernel's only rounding is the weights': on bf16 weights widened to float32 it
-    equals a float64 matmul to float32 summation noise (for every instruction set here)."""
+    equals a float64 matmul within the set's bound (float32 summation noise; AMX: its x in
+    two bf16 parts, csrc/amx.h), for every instruction set here."""
     kernel = load_kernel(isa)
     g = torch.Generator().manual_seed(rows + hidden + batch)
     w = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
@@ -43,7 +45,7 @@ def test_bf16_kernel_equals_float64_on_widened_weights(rows, hidden, batch, isa)
     exact = x.double() @ w.double().T
     scale = x.double().abs() @ w.double().abs().T
     assert y.dtype == torch.float32 and y.shape == (batch, rows)
-    assert ((y.double() - exact).abs() / scale).max().item() < 1e-6
+    assert ((y.double() - exact).abs() / scale).max().item() < MATMUL_REL_ERROR[isa]
 
 
 @pytest.fixture(scope="module")
