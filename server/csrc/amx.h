@@ -174,6 +174,15 @@ static inline void amx_store(const float *c, int narrow, int64_t mt, float *y, i
         }                                                                             \
     } while (0)
 
+/* Wide: the loaded A tiles (4 hi, 5 lo) times the loaded x tiles (6 hi, 7 lo): A hi x hi and
+ * A lo x hi into C tile `chi`, A hi x lo into `clo` (the head's A has no lo part) */
+#define AMX_PRODUCTS(chi, clo)                   \
+    do {                                         \
+        _tile_dpbf16ps(chi, 4, 6);               \
+        _tile_dpbf16ps(clo, 4, 7);               \
+        if (!w16) _tile_dpbf16ps(chi, 5, 6);     \
+    } while (0)
+
 /* y (T, N) = x @ W.T (+ bias) for W NF4 (codes, absmax, book) or bf16 (w16), on tiles.
  * N a multiple of 32, K of 64. Pairs of 16-output row groups are split across threads; each
  * pass over a pair's weights serves up to 32 rows of x. A tile product has a long latency
@@ -242,31 +251,19 @@ static void amx_range(void *arg, int64_t lo, int64_t hi) {
                 _tile_loadd(7, bx0 + s * 512 + 256, 64);
                 if (!two) {  /* C0/C1: group 0 x hi / x lo; C2/C3: group 1 */
                     AMX_LOAD_A(0);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    if (!w16) _tile_dpbf16ps(0, 5, 6);
+                    AMX_PRODUCTS(0, 1);
                     AMX_LOAD_A(1);
-                    _tile_dpbf16ps(2, 4, 6);
-                    _tile_dpbf16ps(3, 4, 7);
-                    if (!w16) _tile_dpbf16ps(2, 5, 6);
+                    AMX_PRODUCTS(2, 3);
                 } else {     /* C0/C1: group 0 with x tile 0 / 1; C2/C3: group 1 */
                     AMX_LOAD_A(0);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(0, 4, 7);
-                    if (!w16) _tile_dpbf16ps(0, 5, 6);
+                    AMX_PRODUCTS(0, 0);
                     AMX_LOAD_A(1);
-                    _tile_dpbf16ps(2, 4, 6);
-                    _tile_dpbf16ps(2, 4, 7);
-                    if (!w16) _tile_dpbf16ps(2, 5, 6);
+                    AMX_PRODUCTS(2, 2);
                     _tile_loadd(6, bx1 + s * 512, 64);
                     _tile_loadd(7, bx1 + s * 512 + 256, 64);
-                    _tile_dpbf16ps(3, 4, 6);  /* group 1's A tiles are still loaded */
-                    _tile_dpbf16ps(3, 4, 7);
-                    if (!w16) _tile_dpbf16ps(3, 5, 6);
+                    AMX_PRODUCTS(3, 3);  /* group 1's A tiles are still loaded */
                     AMX_LOAD_A(0);
-                    _tile_dpbf16ps(1, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    if (!w16) _tile_dpbf16ps(1, 5, 6);
+                    AMX_PRODUCTS(1, 1);
                 }
             }
             const int64_t t0 = x0 * AMX_M, mt0 = T - t0 < AMX_M ? T - t0 : AMX_M;

@@ -276,12 +276,6 @@ static inline vf vexp(vf x) {
     return vscale2n(p, n);
 }
 
-/* One query token per sequence against its paged K/V, read in place (no gather):
- *   q (B, H, hd), k_cache / v_cache (num_blocks, block_size, Hkv, hd), block_tables (B, stride)
- *   int64, context_lens (B,) int64 -> out (B, H, hd); query head h reads KV head h / (H / Hkv).
- * Scores, softmax and the weighted sum of V are float32; exp is vexp above. hd must be a
- * multiple of 16 and H / Hkv at most 64; returns -1 otherwise or when a buffer cannot be
- * allocated. */
 typedef struct {
     const float *q, *k_cache, *v_cache;
     const int64_t *block_tables, *context_lens;
@@ -374,6 +368,12 @@ static void attention_range(void *arg, int64_t lo, int64_t hi) {
     }
 }
 
+/* One query token per sequence against its paged K/V, read in place (no gather):
+ *   q (B, H, hd), k_cache / v_cache (num_blocks, block_size, Hkv, hd), block_tables (B, stride)
+ *   int64, context_lens (B,) int64 -> out (B, H, hd); query head h reads KV head h / (H / Hkv).
+ * Scores, softmax and the weighted sum of V are float32; exp is vexp above. hd must be a
+ * multiple of 16 and H / Hkv at most 64; returns -1 otherwise or when a buffer cannot be
+ * allocated. */
 int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                const int64_t *block_tables, int64_t table_stride,
                                const int64_t *context_lens, int64_t B, int64_t H, int64_t Hkv,
