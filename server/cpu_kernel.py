@@ -1,6 +1,8 @@
-"""The project's CPU kernels (csrc/cpu_matmul.c), built once per machine, loaded with ctypes:
-the NF4 matmul of the decoder linears, the bf16-weight matmul of the LM head, paged decode
-attention that reads K/V in place, and the LoRA rows of a decode step.
+"""The project's CPU kernels (csrc/), built once per machine (server/cpu_build.py), loaded
+with ctypes: the NF4 matmul of the decoder linears and the bf16-weight matmul of the LM head
+(csrc/cpu_matmul.c), paged decode attention that reads K/V in place (attention.c), the LoRA
+rows of a step (lora_rows.c), and the point-wise ops between the matmuls: RMSNorm, rotary
+with the K/V cache write, SiLU(gate) * up, the greedy argmax (pointwise.c).
 
 Why a small C library and not the alternatives:
 - bitsandbytes' fast CPU GEMM is downloaded from a model hub at run time, which cannot be
@@ -11,9 +13,13 @@ Why a small C library and not the alternatives:
 - `torch.compile` of dequantize + matmul was not chosen: it brings the compiled-step
   machinery in for one op, and whether Inductor fuses the 16-entry lookup into its matmul
   (rather than writing the dense weight, 8x the bytes of the codes) is not something this
-  library controls. The compiled decode step, when it comes, calls this kernel as an op.
+  library controls. The compiled decode step calls these kernels as ops (server/cpu_ops.py).
 - A torch C++ extension would work too, but it compiles against torch's headers, which
-  takes far longer than this plain C file with intrinsics (about a second with gcc).
+  takes far longer than these plain C files with intrinsics (about two seconds with gcc).
+
+The point-wise ops exist because, once the matmuls ran near their arithmetic, the chains of
+small torch ops between them were a fifth of the step: RMSNorm is eight ops, rotary and the
+cache write fourteen per layer, each a dispatch of a few microseconds at decode sizes.
 
 Threads: the kernels run on a small pool of their own (csrc/pool.h), not OpenMP. Under
 OMP_WAIT_POLICY=PASSIVE every OpenMP region had to wake a sleeping thread, which here cost
@@ -21,63 +27,23 @@ about as much as the call (batch-8 step 40-44 ms; 23-25 ms on the pool); the poo
 spin at most 200 us after a call, then sleep, and the caller does any share a late worker
 has not taken.
 
-One source, three instruction sets (csrc/simd.h, csrc/amx.h): AVX-512 (16 lanes; the code
-book in one register), AVX2 with FMA (8 lanes; the book as byte planes), and AMX (Sapphire
-Rapids' tile unit, on top of the AVX-512 build) for the NF4 matmul from 6 rows of x and the
-bf16 head. The build takes the widest set the CPU has (`LORAPLEX_CPU_ISA=avx512` or `avx2`
-asks for a narrower one). AVX-512 and AVX2 give bitsandbytes' dequantized values exactly and
-float32 sums; AMX multiplies bf16x3 splits of the same float32 values (csrc/amx.h), within
-3 * 2^-16 of each product (MATMUL_REL_ERROR).
-
-The library is built into the model cache (`cache_dir()/kernels/`) under a name that hashes
-the source, the instruction set, the flags and the compiler, written to a temporary path and renamed, so a
-rebuild is never half-written and an edit never loads a stale build. `make` builds it at
-set-up (`python -m server.cpu_kernel`); the first model load builds it if it is missing.
-Where the CPU has neither AVX-512 nor AVX2 with FMA, or no compiler is found, `load()` raises KernelUnavailable saying
-why; the loader logs it, and NF4 linears use the exact dequantize + float32 matmul path, the
-LM head stays float32 and attention takes the torch path (slower, same maths).
+Where the kernels cannot be built (server/cpu_build.py says why), `load()` raises
+KernelUnavailable; the loader logs it, and NF4 linears use the exact dequantize + float32
+matmul path, the LM head stays float32, and attention and the point-wise ops take the torch
+path (slower, same maths).
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from server.config import cache_dir
-
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("csrc") / "cpu_matmul.c"
-HEADERS = (SOURCE.with_name("simd.h"), SOURCE.with_name("amx.h"))
-COMMON_FLAGS = ("-O3", "-pthread", "-fPIC", "-shared")
-# The instruction sets the kernels are written for (csrc/simd.h), widest first: the CPU
-# flags each needs and the compiler flags that select it.
-ISAS = {
-    "amx": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16", "amx_tile", "amx_bf16"),
-            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx512bf16", "-mamx-tile",
-             "-mamx-bf16", "-DLP_AVX512", "-DLP_AMX")),
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
-               ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DLP_AVX512")),
-    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
-}
-# What each set's matmuls may differ from float64 arithmetic on the same float32 inputs, as a
-# fraction of sum |x| |w| per output: float32 rounding (AVX-512, AVX2), or AMX's bf16x3
-# products (csrc/amx.h: at most 3 * 2^-16 per term) plus float32 rounding.
-MATMUL_REL_ERROR = {"amx": 3 * 2.0 ** -16 + 1e-6, "avx512": 1e-6, "avx2": 1e-6}
-ISA_ENV = "LORAPLEX_CPU_ISA"  # amx | avx512 | avx2: build for that set (the tests take the narrower ones too)
-
-
-class KernelUnavailable(RuntimeError):
-    """The CPU kernels cannot run here; the message says why."""
+# the build's names, for callers that know the kernels by this module
+from server.cpu_build import (ISA_ENV, ISAS, MATMUL_REL_ERROR, KernelUnavailable, build,  # noqa: F401
+                              choose_isa, supported_isas)
 
 
 @dataclass(frozen=True)
@@ -161,6 +127,66 @@ class CpuKernel:
             raise RuntimeError(f"lora_rows_f32 failed on x {tuple(x.shape)} -> {n}")
         return y
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' RMSNorm in float32: x (T, H) with unit column stride, weight (H,) -> (T, H)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.loraplex.rms_norm(x, weight, eps)
+        t, h = x.shape
+        assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape == (h,)
+        out = torch.empty(t, h, dtype=torch.float32)  # (T, H)
+        rc = self.lib.rms_norm_f32(x.data_ptr(), t, h, x.stride(0), weight.data_ptr(), eps, out.data_ptr(),
+                                   self.threads)
+        if rc != 0:
+            raise RuntimeError(f"rms_norm_f32 failed on x {tuple(x.shape)}")
+        return out
+
+    def rope_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary on q (T, H*hd) and k (T, Hkv*hd) (rows with unit column stride; cos, sin (T, hd)
+        contiguous); the rotated k and v (T, Hkv*hd) written to the caches (num_blocks,
+        block_size, Hkv, hd) at rows slots (T,) int64. -> rotated (q (T, H, hd), k (T, Hkv, hd))."""
+        if torch.compiler.is_compiling():
+            return torch.ops.loraplex.rope_cache(q, k, v, cos, sin, slots, k_cache, v_cache)
+        t = q.shape[0]
+        hkv, hd = k_cache.shape[2], k_cache.shape[3]
+        h = q.shape[1] // hd
+        assert q.stride(1) == k.stride(1) == v.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+        assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+        assert slots.dtype == torch.int64 and slots.is_contiguous() and k.shape[1] == v.shape[1] == hkv * hd
+        q_out = torch.empty(t, h, hd, dtype=torch.float32)  # (T, H, hd)
+        k_out = torch.empty(t, hkv, hd, dtype=torch.float32)  # (T, Hkv, hd)
+        rc = self.lib.rope_cache_f32(
+            q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), t, h, hkv, hd,
+            cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.shape[0] * k_cache.shape[1], q_out.data_ptr(), k_out.data_ptr(), self.threads)
+        if rc != 0:
+            raise RuntimeError(f"rope_cache_f32 failed on q {tuple(q.shape)} (a slot outside the cache?)")
+        return q_out, k_out
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up: gate, up (T, I) with unit column stride -> (T, I) float32."""
+        if torch.compiler.is_compiling():
+            return torch.ops.loraplex.silu_mul(gate, up)
+        t, i = gate.shape
+        assert gate.stride(1) == up.stride(1) == 1 and up.shape == (t, i)
+        out = torch.empty(t, i, dtype=torch.float32)  # (T, I)
+        rc = self.lib.silu_mul_f32(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), t, i,
+                                   out.data_ptr(), self.threads)
+        if rc != 0:
+            raise RuntimeError(f"silu_mul_f32 failed on {tuple(gate.shape)}")
+        return out
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's first maximum, as torch's x.max(dim=-1).indices (a NaN is the maximum):
+        x (T, V) float32 with unit column stride -> (T,) int64. One thread: ~10x torch's here."""
+        t, v = x.shape
+        assert x.dtype == torch.float32 and x.stride(1) == 1
+        out = torch.empty(t, dtype=torch.int64)  # (T,)
+        if self.lib.argmax_rows_f32(x.data_ptr(), t, v, x.stride(0), out.data_ptr()) != 0:
+            raise RuntimeError(f"argmax_rows_f32 failed on {tuple(x.shape)}")
+        return out
+
     def nf4_dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor,
                    out_features: int, in_features: int) -> torch.Tensor:
         """The dense (N, K) float32 weight, as this kernel reads the codes."""
@@ -170,85 +196,6 @@ class CpuKernel:
         if rc != 0:
             raise RuntimeError(f"nf4_dequant_f32 failed on ({out_features}, {in_features})")
         return w
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's feature flags from /proc/cpuinfo, or [] where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-
-
-def choose_isa(wanted: str | None = None) -> str:
-    """`wanted` (else the set LORAPLEX_CPU_ISA names, else the widest in ISAS) if this CPU has
-    it; raises KernelUnavailable saying what is missing."""
-    wanted = wanted or os.environ.get(ISA_ENV, "")
-    if wanted and wanted not in ISAS:
-        raise KernelUnavailable(f"{ISA_ENV}={wanted!r} is not one of {', '.join(ISAS)}")
-    flags = cpu_flags()
-    if not flags:
-        cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-        flags = list(ISAS["avx512"][0]) if cap.startswith("AVX512") else list(ISAS["avx2"][0]) if cap == "AVX2" else []
-    missing = {}
-    for isa in ([wanted] if wanted else ISAS):
-        missing[isa] = [f for f in ISAS[isa][0] if f not in flags]
-        if not missing[isa]:
-            return isa
-    lacks = "; ".join(f"{isa} needs {', '.join(m)}" for isa, m in missing.items())
-    raise KernelUnavailable(f"the CPU kernels need AVX-512 or AVX2 with FMA: this CPU lacks them ({lacks})")
-
-
-def supported_isas() -> list[str]:
-    """Every instruction set in ISAS this CPU has, widest first."""
-    found = []
-    for isa in ISAS:
-        try:
-            found.append(choose_isa(isa))
-        except KernelUnavailable:
-            pass
-    return found
-
-
-def cflags(isa: str) -> tuple[str, ...]:
-    return (*COMMON_FLAGS, *ISAS[isa][1])
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-
-
-def library_path(compiler: str, isa: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
-    key = hashlib.sha256(source + " ".join(cflags(isa)).encode() + version.encode()).hexdigest()[:16]
-    return Path(cache_dir()) / "kernels" / f"cpu_matmul-{isa}-{key}.so"
-
-
-def build(isa: str | None = None) -> Path:
-    """Compile the kernels for `isa` (None: choose_isa()) unless this exact build exists;
-    returns the library's path."""
-    isa = choose_isa(isa)
-    compiler = _compiler()
-    if compiler is None:
-        raise KernelUnavailable("the CPU kernels need a C compiler (cc or gcc; set CC)")
-    path = library_path(compiler, isa)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *cflags(isa), "-o", tmp, str(SOURCE)], capture_output=True,
-                              text=True, timeout=300)
-        if proc.returncode != 0:
-            raise KernelUnavailable(f"building the CPU kernels failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 _loaded: dict[str | None, CpuKernel | KernelUnavailable] = {}
@@ -281,8 +228,13 @@ def _load(isa: str | None) -> CpuKernel | KernelUnavailable:
     lib.paged_decode_attention_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
                                                ctypes.c_float, p, ctypes.c_int]
     lib.lora_rows_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, p, i64, ctypes.c_int]
+    lib.rms_norm_f32.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, ctypes.c_int]
+    lib.rope_cache_f32.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, p, p, p, p, p, i64, p, p,
+                                   ctypes.c_int]
+    lib.silu_mul_f32.argtypes = [p, i64, p, i64, i64, i64, p, ctypes.c_int]
+    lib.argmax_rows_f32.argtypes = [p, i64, i64, i64, p]
     for fn in (lib.nf4_matmul_f32, lib.nf4_dequant_f32, lib.bf16_matmul_f32, lib.paged_decode_attention_f32,
-               lib.lora_rows_f32):
+               lib.lora_rows_f32, lib.rms_norm_f32, lib.rope_cache_f32, lib.silu_mul_f32, lib.argmax_rows_f32):
         fn.restype = ctypes.c_int
     return CpuKernel(lib, path, isa, torch.get_num_threads())
 

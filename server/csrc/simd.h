@@ -38,6 +38,9 @@ typedef __m512i vi;
 #define vhmax _mm512_reduce_max_ps
 #define vround(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vscale2n _mm512_scalef_ps  /* p * 2^n, n integral */
+#define vdiv _mm512_div_ps
+static inline vf vneg(vf x) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000))); }
+static inline int vany_nan(vf x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0; }
 
 /* VL bf16 values widened to float32 (exact: a bf16 is the high half of a float32) */
 static inline vf vload_bf16(const uint16_t *p) {
@@ -139,6 +142,9 @@ typedef __m256i vi;
 #define vmax _mm256_max_ps
 #define vmin _mm256_min_ps
 #define vround(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vdiv _mm256_div_ps
+static inline vf vneg(vf x) { return _mm256_xor_ps(x, _mm256_set1_ps(-0.0f)); }
+static inline int vany_nan(vf x) { return _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) != 0; }
 
 static inline float vsum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -275,4 +281,23 @@ static inline __attribute__((always_inline)) void store_tile(vf acc[NR][MT], flo
 }
 
 #endif
+
+/* ---- shared by both sets ---- */
+
+/* e^x for VL floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial, ~1 ulp). */
+static inline vf vexp(vf x) {
+    x = vmax(vmin(x, vset1(88.3762626647949f)), vset1(-88.3762626647949f));
+    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfnmadd(n, vset1(0.693359375f), x);
+    r = vfnmadd(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.9875691500E-4f);
+    p = vfmadd(p, r, vset1(1.3981999507E-3f));
+    p = vfmadd(p, r, vset1(8.3334519073E-3f));
+    p = vfmadd(p, r, vset1(4.1665795894E-2f));
+    p = vfmadd(p, r, vset1(1.6666665459E-1f));
+    p = vfmadd(p, r, vset1(5.0000001201E-1f));
+    p = vfmadd(vmul(p, r), r, vadd(r, vset1(1.0f)));
+    return vscale2n(p, n);
+}
+
 #endif

@@ -175,13 +175,15 @@ class Engine:
         if not rows:
             return outputs
         reqs = [sched.requests[i] for i in rows]
-        logits = logits[rows]  # (n, V) only requests that reached their last token (a copy)
-        if any(r.params.logit_bias for r in reqs):
-            apply_logit_bias(logits, [r.params for r in reqs])   # before the grammar mask
-        reqs, logits, failed = self.constraints.apply(reqs, logits, self.constraints.rows(constrained, filling))
-        outputs += [self._fail(r, e) for r, e in failed]
-        sampled, failures = isolation.batched(lambda idx: self._sample(reqs, logits, idx),
-                                              list(range(len(reqs))), "sampling")
+        with torch.inference_mode():  # the logits are the forward's inference tensors, changed in place
+            if len(rows) < len(sched.requests):
+                logits = logits[rows]  # (n, V) only requests that reached their last token (a copy)
+            if any(r.params.logit_bias for r in reqs):
+                apply_logit_bias(logits, [r.params for r in reqs])   # before the grammar mask
+            reqs, logits, failed = self.constraints.apply(reqs, logits, self.constraints.rows(constrained, filling))
+            outputs += [self._fail(r, e) for r, e in failed]
+            sampled, failures = isolation.batched(lambda idx: self._sample(reqs, logits, idx),
+                                                  list(range(len(reqs))), "sampling")
         outputs += [self._fail(reqs[i], isolation.describe("sampling", e)) for i, e in failures.items()]
         return outputs + self._postprocess([(r, s) for r, s in zip(reqs, sampled) if s is not None])
 

@@ -69,8 +69,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size, device=device), requires_grad=False)
         self.eps = eps
+        self.kernel = None  # server.cpu_kernel.CpuKernel (float32 on a CPU), else the torch ops below
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.rms_norm(x, self.weight, self.eps)  # (T, hidden)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (T, hidden) float32
         return self.weight * h.to(x.dtype)
@@ -91,14 +94,16 @@ class MLP(nn.Module):
         self.up_proj = _lora_linear(hidden_size, intermediate_size, bias)
         self.down_proj = _lora_linear(intermediate_size, hidden_size, bias)
         self.gate_up: nn.Module | None = None  # fused gate/up base (the loader's), or None
+        self.kernel = None  # server.cpu_kernel.CpuKernel: silu(gate) * up in one call; None: torch
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         if self.gate_up is None:
-            h = F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)  # (T, inter)
+            gate, up = self.gate_proj(x, lora), self.up_proj(x, lora)  # (T, inter) each
         else:
             inter = self.gate_proj.out_features
             y = self.gate_up(x)  # (T, 2 * inter), one matmul
-            h = F.silu(self.gate_proj.add_lora(x, y[:, :inter], lora)) * self.up_proj.add_lora(x, y[:, inter:], lora)
+            gate, up = self.gate_proj.add_lora(x, y[:, :inter], lora), self.up_proj.add_lora(x, y[:, inter:], lora)
+        h = F.silu(gate) * up if self.kernel is None else self.kernel.silu_mul(gate, up)  # (T, inter)
         return self.down_proj(h, lora)  # (T, hidden)
 
 
@@ -122,6 +127,8 @@ class Attention(nn.Module):
         # server.cpu_kernel.CpuKernel: decode reads K/V in place (float32 CPU caches);
         # None: the torch path below (gather + SDPA), the oracle
         self.kernel = None
+        # the same, for rotary and the K/V cache write in one call; None: apply_rope + index_copy_
+        self.rope_kernel = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 plan: "AttentionPlan") -> torch.Tensor:
@@ -134,14 +141,16 @@ class Attention(nn.Module):
             q = self.q_proj.add_lora(x, y[:, :nq], batch.lora)
             k = self.k_proj.add_lora(x, y[:, nq:nq + nk], batch.lora)
             v = self.v_proj.add_lora(x, y[:, nq + nk:], batch.lora)
-        q = q.view(t, self.num_heads, self.head_dim)  # (T, H, hd)
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
-        v = v.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
         assert self.k_cache is not None and self.v_cache is not None, "allocate_kv_cache first"
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
+        if self.rope_kernel is not None:  # rotated q, k (T, H, hd), (T, Hkv, hd); k, v in the caches
+            q, k = self.rope_kernel.rope_cache(q, k, v, cos, sin, batch.slot_mapping, self.k_cache, self.v_cache)
+            v = v.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
+        else:
+            q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)  # (T, H, hd)
+            k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # (T, Hkv, hd)
+            v = v.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, hd)
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
         if not plan.prefill_seqs:  # decode only: row b is sequence b
             return self.o_proj(self._decode(q, plan).reshape(t, -1), batch.lora)  # (T, hidden)
         out = torch.empty_like(q)  # (T, H, hd)

@@ -162,6 +162,16 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kernel = kernel
 
+    def set_pointwise_kernel(self, kernel) -> None:
+        """RMSNorm, rotary with the K/V cache write, and SiLU(gate) * up on `kernel` (a CpuKernel:
+        float32 on the CPU, the torch ops' maths in one call each), or, with None, as torch ops
+        (the oracle)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MLP)):
+                m.kernel = kernel
+            elif isinstance(m, Attention):
+                m.rope_kernel = kernel
+
     def set_lm_head_bf16(self, kernel) -> None:
         """Read the LM head as bfloat16 weights (half the bytes of float32) through `kernel`
         (a CpuKernel: float32 activations, products and sums), or, with None, as lm_head's own

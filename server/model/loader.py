@@ -50,6 +50,8 @@ def load_model(config: EngineConfig, device: torch.device | str, dtype: torch.dt
         log.info("NF4 matmul on CPU: %s", set_nf4_kernel(model, True))
     _choose_lm_head(model, config, kernel, dtype)
     _choose_attention(model, kernel, dtype)
+    if kernel is not None and dtype == torch.float32:
+        model.set_pointwise_kernel(kernel)  # RMSNorm, rotary + K/V write, SiLU * up: one call each
     allocate_slots(model.lora_linears(), config.max_loras, config.max_lora_rank, device, dtype)
     log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s: %.1f MiB of weights", folder, arch.architecture,
              arch.num_layers, config.quantization, str(dtype).replace("torch.", ""),

@@ -64,10 +64,12 @@ def config(adapters_dir: str, lm_head_dtype: str) -> EngineConfig:
 
 
 def oracle_engine(adapters_dir: str) -> Engine:
-    """The exact path: float32 dequantize + matmul (bitsandbytes), float32 LM head."""
+    """The exact path: float32 dequantize + matmul (bitsandbytes), float32 LM head, RMSNorm,
+    rotary and SiLU as torch ops."""
     from server.model.quant import set_nf4_kernel
     engine = Engine(config(adapters_dir, "float32"))
     set_nf4_kernel(engine.model, False)
+    engine.model.set_pointwise_kernel(None)
     return engine
 
 

@@ -77,11 +77,14 @@ def test_nf4_logits_match_transformers_bnb(nf4_pair):
     assert run_schedule(ours, ref, prompts, split=8, decode_steps=2) <= EXACT_TOL
     # Our exact path too (the oracle the other tests use), then back to the kernel.
     set_nf4_kernel(ours, False)
+    kernel = ours.model.norm.kernel
+    ours.set_pointwise_kernel(None)
     try:
         assert all(m.kernel is None for m in ours.modules() if isinstance(m, NF4Linear))
         assert run_schedule(ours, ref, prompts, split=8, decode_steps=2) <= EXACT_TOL
     finally:
         set_nf4_kernel(ours, True)
+        ours.set_pointwise_kernel(kernel)
     # The quantization really changed the model: NF4 logits differ clearly from dense ones.
     tokens = prompts[1]
     gap = (reference_last_logits(dense, tokens) - reference_last_logits(ref, tokens)).abs().max().item()
@@ -242,9 +245,9 @@ def test_qkv_and_gate_up_run_fused_over_the_projections_codes(nf4_pair):
 def test_a_cpu_without_avx512_or_avx2_falls_back_to_the_exact_path_with_a_clear_message(monkeypatch, caplog):
     """Neither AVX-512 nor AVX2 (simulated): the kernels are not built, the message says what
     is missing, and the NF4 linear still computes, on bitsandbytes' dequantize + float32 matmul."""
-    from server import cpu_kernel
+    from server import cpu_build, cpu_kernel
     monkeypatch.setattr(cpu_kernel, "_loaded", {})
-    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: ["sse2", "avx"])
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: ["sse2", "avx"])
     torch.manual_seed(2)
     w = torch.randn(64, 128)
     lin = make_linear(w, None, "nf4", torch.device("cpu"), torch.float32)
