@@ -50,6 +50,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head-dtype", default=_env("lm-head-dtype", d.lm_head_dtype),
                    choices=["auto", "float32", "bfloat16"],
                    help="LM head weights: auto = bfloat16 for NF4 where the CPU kernels run")
+    p.add_argument("--lora-dtype", default=_env("lora-dtype", d.lora_dtype),
+                   choices=["auto", "float32", "bfloat16"],
+                   help="adapter weights held as: auto = bfloat16 for NF4 where the CPU kernels run")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=_env("enable-prefix-caching", d.enable_prefix_caching),
                    help="reuse the KV blocks of prompt prefixes seen before (keyed by adapter and tenant)")
@@ -65,7 +68,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         adapters_dir=args.adapters_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
-        max_model_len=args.max_model_len, lm_head_dtype=args.lm_head_dtype,
+        max_model_len=args.max_model_len, lm_head_dtype=args.lm_head_dtype, lora_dtype=args.lora_dtype,
         enable_prefix_caching=args.enable_prefix_caching, prefix_cache_blocks=args.prefix_cache_blocks,
         compile=args.compile,
     )

@@ -12,6 +12,7 @@ QUANTIZATIONS = ("nf4", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
+LORA_DTYPES = ("auto", "float32", "bfloat16")
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
@@ -45,6 +46,9 @@ class EngineConfig:
     # LM head weights read as: auto = bfloat16 for an NF4 float32 model where the project's
     # CPU kernels run (float32 activations and sums; half the bytes), else the model dtype
     lm_head_dtype: str = "auto"
+    # adapters' A and B held and read as: auto = bfloat16 for an NF4 float32 model where the
+    # CPU kernels run (float32 activations and sums; half the bytes), else the model dtype
+    lora_dtype: str = "auto"
     enable_prefix_caching: bool = True   # reuse the KV blocks of a prompt prefix seen before
     prefix_cache_blocks: int = 0         # most cached blocks kept while unused (0 = as the pool allows)
     # on: decode steps run their layers torch.compile'd, compiled before the engine is ready
@@ -62,6 +66,8 @@ class EngineConfig:
             raise ConfigError(f"compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
         if self.lm_head_dtype not in LM_HEAD_DTYPES:
             raise ConfigError(f"lm_head_dtype must be one of {LM_HEAD_DTYPES}, got {self.lm_head_dtype!r}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ConfigError(f"lora_dtype must be one of {LORA_DTYPES}, got {self.lora_dtype!r}")
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
                      "max_loras", "max_lora_rank", "max_cpu_loras", "lora_wait_steps"):
             _positive(name, getattr(self, name))

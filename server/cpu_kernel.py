@@ -111,20 +111,22 @@ class CpuKernel:
     def lora_rows(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor,
                   ranks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y[t] += (A[s, :r] @ x[t]) @ Bt[s, :r] for each row t with s = slots[t] >= 0 and
-        r = ranks[t], in place: x (T, K), a (S, r_max, K) and bt (S, r_max, N) contiguous
-        float32, slots / ranks (T,) int64, y (T, N) float32 with unit column stride. -> y"""
+        r = ranks[t], in place: x (T, K) float32, a (S, r_max, K) and bt (S, r_max, N) contiguous,
+        both float32 or both bfloat16 (widened exactly; products and sums float32), slots /
+        ranks (T,) int64, y (T, N) float32 with unit column stride. -> y"""
         if torch.compiler.is_compiling():
             torch.ops.loraplex.lora_rows(x, a, bt, slots, ranks, y)
             return y
         t, k = x.shape
         _, r_max, n = bt.shape
         assert a.is_contiguous() and bt.is_contiguous() and x.stride(1) == 1 and y.stride(1) == 1
-        assert a.shape == (bt.shape[0], r_max, k) and y.shape == (t, n)
-        rc = self.lib.lora_rows_f32(x.data_ptr(), t, k, x.stride(0), a.data_ptr(), r_max, bt.data_ptr(), n,
-                                    slots.data_ptr(), ranks.data_ptr(), y.data_ptr(), y.stride(0),
-                                    self.threads)
+        assert a.shape == (bt.shape[0], r_max, k) and y.shape == (t, n) and a.dtype == bt.dtype
+        fn = self.lib.lora_rows_bf16 if a.dtype == torch.bfloat16 else self.lib.lora_rows_f32
+        assert a.dtype in (torch.float32, torch.bfloat16) and x.dtype == y.dtype == torch.float32
+        rc = fn(x.data_ptr(), t, k, x.stride(0), a.data_ptr(), r_max, bt.data_ptr(), n, slots.data_ptr(),
+                ranks.data_ptr(), y.data_ptr(), y.stride(0), self.threads)
         if rc != 0:
-            raise RuntimeError(f"lora_rows_f32 failed on x {tuple(x.shape)} -> {n}")
+            raise RuntimeError(f"lora_rows failed on x {tuple(x.shape)} -> {n}")
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -228,13 +230,14 @@ def _load(isa: str | None) -> CpuKernel | KernelUnavailable:
     lib.paged_decode_attention_f32.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
                                                ctypes.c_float, p, ctypes.c_int]
     lib.lora_rows_f32.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, p, i64, ctypes.c_int]
+    lib.lora_rows_bf16.argtypes = lib.lora_rows_f32.argtypes
     lib.rms_norm_f32.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, ctypes.c_int]
     lib.rope_cache_f32.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, p, p, p, p, p, i64, p, p,
                                    ctypes.c_int]
     lib.silu_mul_f32.argtypes = [p, i64, p, i64, i64, i64, p, ctypes.c_int]
     lib.argmax_rows_f32.argtypes = [p, i64, i64, i64, p]
     for fn in (lib.nf4_matmul_f32, lib.nf4_dequant_f32, lib.bf16_matmul_f32, lib.paged_decode_attention_f32,
-               lib.lora_rows_f32, lib.rms_norm_f32, lib.rope_cache_f32, lib.silu_mul_f32, lib.argmax_rows_f32):
+               lib.lora_rows_f32, lib.lora_rows_bf16, lib.rms_norm_f32, lib.rope_cache_f32, lib.silu_mul_f32, lib.argmax_rows_f32):
         fn.restype = ctypes.c_int
     return CpuKernel(lib, path, isa, torch.get_num_threads())
 

@@ -18,15 +18,17 @@ def test_this_cpu_runs_at_least_one_instruction_set_and_the_server_takes_the_wid
 
 
 @pytest.mark.parametrize("isa", cpu_kernel.supported_isas())
-def test_lora_rows_equal_a_float64_loop(isa):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_rows_equal_a_float64_loop(isa, dtype):
     """y[t] += (A[s, :r] x[t]) @ Bt[s, :r] per row, rows without a slot left alone, for each
-    instruction set this CPU has."""
+    instruction set this CPU has; A and B in float32 or bfloat16 (widened exactly: the loop
+    reads the same bf16 values)."""
     import torch
     kernel = cpu_kernel.load(isa)
     g = torch.Generator().manual_seed(11)
     slots_n, r_max, k, n, t = 3, 16, 48, 80, 9
-    a = torch.randn(slots_n, r_max, k, generator=g)
-    bt = torch.randn(slots_n, r_max, n, generator=g)
+    a = torch.randn(slots_n, r_max, k, generator=g).to(getattr(torch, dtype))
+    bt = torch.randn(slots_n, r_max, n, generator=g).to(getattr(torch, dtype))
     slots = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2], dtype=torch.int64)
     ranks = torch.tensor([16, 8, 0, 4, 4, 16, 0, 8, 8], dtype=torch.int64)
     x = torch.randn(t, k, generator=g)

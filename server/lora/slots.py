@@ -7,6 +7,10 @@
 
 A slot whose adapter does not target this module stays all zero, so the LoRA path adds
 nothing for it. Addresses never change after allocation (CUDA graphs stay valid).
+
+The stacks are kept in the model's dtype, or in bfloat16 under a float32 model on the CPU
+kernels (EngineConfig.lora_dtype; half the bytes every adapter row reads per step): A and B'
+are rounded to bfloat16 once, as they are copied in, and widened exactly where they are read.
 """
 from __future__ import annotations
 
@@ -55,10 +59,12 @@ class LayerSlots:
 
 
 def allocate_slots(layers: dict, num_slots: int, r_max: int, device: torch.device | str,
-                   dtype: torch.dtype) -> LoraOps:
-    """Give every LoRA linear of a model its LayerSlots, all on one LoRA backend chosen here,
-    once (server/lora/ops.py select_backend); -> that backend."""
+                   dtype: torch.dtype, storage: torch.dtype | None = None) -> LoraOps:
+    """Give every LoRA linear of a model its LayerSlots, stacks in `storage` (None: `dtype`,
+    the model's), all on one LoRA backend chosen here, once (server/lora/ops.py
+    select_backend); -> that backend."""
     ops = select_backend(device, dtype)
     for layer in layers.values():
-        layer.slots = LayerSlots(num_slots, r_max, layer.in_features, layer.out_features, device, dtype, ops)
+        layer.slots = LayerSlots(num_slots, r_max, layer.in_features, layer.out_features, device,
+                                 storage or dtype, ops)
     return ops

@@ -52,7 +52,8 @@ def load_model(config: EngineConfig, device: torch.device | str, dtype: torch.dt
     _choose_attention(model, kernel, dtype)
     if kernel is not None and dtype == torch.float32:
         model.set_pointwise_kernel(kernel)  # RMSNorm, rotary + K/V write, SiLU * up: one call each
-    allocate_slots(model.lora_linears(), config.max_loras, config.max_lora_rank, device, dtype)
+    allocate_slots(model.lora_linears(), config.max_loras, config.max_lora_rank, device, dtype,
+                   _lora_storage(model, config, kernel, dtype))
     log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s: %.1f MiB of weights", folder, arch.architecture,
              arch.num_layers, config.quantization, str(dtype).replace("torch.", ""),
              time.perf_counter() - t0, model.weight_bytes() / 2**20)
@@ -83,9 +84,30 @@ def _choose_lm_head(model: LlamaForCausalLM, config: EngineConfig, kernel, dtype
         raise ModelLoadError("lm_head_dtype bfloat16 needs a float32 model on a CPU with the CPU kernels "
                              f"and hidden_size % 16 == 0; this one is {str(dtype).replace('torch.', '')}, "
                              f"hidden_size {model.arch.hidden_size}, kernels {'loaded' if kernel else 'unavailable'}")
+    if wanted == "float32" and dtype != torch.float32:
+        raise ModelLoadError(f"lora_dtype float32 needs a float32 model; this one is {str(dtype).replace('torch.', '')}")
     if wanted == "bfloat16" or (wanted == "auto" and config.quantization == "nf4" and fits):
         model.set_lm_head_bf16(kernel)
         log.info("LM head: bfloat16 weights, float32 activations and sums (CPU kernel)")
+
+
+def _lora_storage(model: LlamaForCausalLM, config: EngineConfig, kernel, dtype: torch.dtype) -> torch.dtype:
+    """The adapters' slot dtype as config.lora_dtype asks (auto: bfloat16 for an NF4 float32
+    model on a CPU with the kernels, where every LoRA linear's shapes fit the kernel's rows;
+    otherwise the model dtype)."""
+    wanted = config.lora_dtype
+    fits = kernel is not None and dtype == torch.float32 and all(
+        m.in_features % 16 == 0 and m.out_features % 16 == 0 for m in model.lora_linears().values())
+    if wanted == "bfloat16" and not fits:
+        raise ModelLoadError("lora_dtype bfloat16 needs a float32 model on a CPU with the CPU kernels and "
+                             f"every LoRA linear's sizes a multiple of 16; this one is "
+                             f"{str(dtype).replace('torch.', '')}, kernels {'loaded' if kernel else 'unavailable'}")
+    if wanted == "float32" and dtype != torch.float32:
+        raise ModelLoadError(f"lora_dtype float32 needs a float32 model; this one is {str(dtype).replace('torch.', '')}")
+    if wanted == "bfloat16" or (wanted == "auto" and config.quantization == "nf4" and fits):
+        log.info("LoRA slots: bfloat16 A and B, float32 activations and sums (CPU kernel)")
+        return torch.bfloat16
+    return dtype
 
 
 def _choose_attention(model: LlamaForCausalLM, kernel, dtype: torch.dtype) -> None:

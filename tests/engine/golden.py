@@ -59,8 +59,9 @@ def generate_all(engine: Engine) -> list[dict]:
     return out
 
 
-def config(adapters_dir: str, lm_head_dtype: str) -> EngineConfig:
-    return EngineConfig(adapters_dir=adapters_dir, kv_cache_tokens=4096, max_loras=4, lm_head_dtype=lm_head_dtype)
+def config(adapters_dir: str, lm_head_dtype: str, lora_dtype: str = "float32") -> EngineConfig:
+    return EngineConfig(adapters_dir=adapters_dir, kv_cache_tokens=4096, max_loras=4, lm_head_dtype=lm_head_dtype,
+                        lora_dtype=lora_dtype)
 
 
 def oracle_engine(adapters_dir: str) -> Engine:

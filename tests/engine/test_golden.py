@@ -1,7 +1,8 @@
 """Greedy outputs stay byte-identical across refactors: 8 fixed runs (base and three adapters,
 with and without a JSON schema, default model in NF4) against tests/data/golden_generate.json,
 recorded on the exact path (`python -m tests.engine.golden FILE`; see golden.py), here run on
-the serving NF4 kernel with the float32 LM head; and `loraplex generate` on the first prompt
+the serving NF4 kernel with the float32 LM head, adapters in float32 and in bfloat16 (the
+serving default); and `loraplex generate` on the first prompt
 (the full serving default, bf16 LM head included) against its recorded text. The bf16 head's
 own greedy check is in tests/model/test_lm_head.py."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.engine.engine import Engine
 from server.model.quant import NF4Linear
@@ -27,9 +29,14 @@ def adapters(tmp_path_factory):
     return tmp_path_factory.mktemp("golden-adapters")
 
 
-def test_greedy_outputs_equal_the_recorded_ones(adapters):
-    engine = Engine(golden.config(str(adapters), "float32"))
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_greedy_outputs_equal_the_recorded_ones(adapters, lora_dtype):
+    """lora_dtype bfloat16 is the serving default's adapter slots (A and B rounded to bf16):
+    the same greedy text on these runs."""
+    engine = Engine(golden.config(str(adapters), "float32", lora_dtype))
     assert all(m.kernel is not None for m in engine.model.modules() if isinstance(m, NF4Linear))
+    slots = next(iter(engine.model.lora_linears().values())).slots
+    assert slots.a.dtype == getattr(torch, lora_dtype)
     golden.write_adapters(adapters, engine)
     runs = golden.generate_all(engine)
     assert len(runs) == len(GOLDEN) == 8 and {r["adapter"] for r in runs} == {None, "gold-a", "gold-b", "gold-c"}

@@ -6,6 +6,11 @@ adapter twice, in rows that are not neighbours). Each row's logits must equal th
 transformers + PeftModel (unmerged, that adapter alone) on the same base weights, over a
 prefill step and two decode steps through the paged KV cache.
 
+The exact path (lora_dtype float32) is what these tests hold to PEFT. The default for NF4 on
+the CPU kernels keeps A and B in bfloat16 (EngineConfig.lora_dtype): that path must equal
+PEFT on the same adapters rounded to bfloat16, to the same bound, and its distance from PEFT
+on the float32 adapters is measured against what the adapters change.
+
 Tolerances. quantization none: both sides run float32 on identical weights and differ only
 in summation order (~1e-5 here): bound 1e-3.
 NF4: both sides quantize the same float32 tensors with bitsandbytes (byte-identical codes,
@@ -59,9 +64,9 @@ def setup(tmp_path_factory):
     return root
 
 
-def _ours(model_dir, adapters_dir, quantization, names):
+def _ours(model_dir, adapters_dir, quantization, names, lora_dtype="float32"):
     cfg = EngineConfig(model=str(model_dir), quantization=quantization, adapters_dir=str(adapters_dir),
-                       lm_head_dtype="float32",
+                       lm_head_dtype="float32", lora_dtype=lora_dtype,
                        max_loras=8, max_cpu_loras=8, max_lora_rank=64)
     model = load_model(cfg, "cpu", torch.float32)
     store = AdapterStore(cfg, model.lora_linears(), "cpu", torch.float32)
@@ -112,9 +117,12 @@ def _peft_logits(ref, adapters_dir, name, token_lists):
             pm.unload()
 
 
-def _check(model_dir, adapters_dir, quantization, ref, rows, lengths, vocab, tol, base_tol):
+def _check(model_dir, adapters_dir, quantization, ref, rows, lengths, vocab, tol, base_tol, lora_dtype="float32",
+           ref_adapters_dir=None):
+    """ref_adapters_dir: the adapters PEFT loads (default: the same as ours)."""
     names = sorted({n for n in rows if n is not None})
-    model, store = _ours(model_dir, adapters_dir, quantization, names)
+    model, store = _ours(model_dir, adapters_dir, quantization, names, lora_dtype)
+    adapters_dir = ref_adapters_dir or adapters_dir
     prompts = random_prompts(lengths, vocab, seed=3)
     steps = _run_ours(model, store, prompts, rows)
     tokens = [seqs[i] for _, seqs in steps for i in range(len(rows))]
@@ -186,3 +194,58 @@ def test_default_model_mixed_batch_matches_peft(tmp_path):
         save_peft_adapter(ref, str(tmp_path / name), seed=20 + i, **kw)
     rows = [None, "d-r4", "d-qv", "d-r16-rslora", "d-r64-pattern", "d-qv"]
     _check(folder, tmp_path, "none", ref, rows, [6, 5, 8, 4, 7, 3], ref.config.vocab_size, 1e-3, 1e-3)
+
+
+def _bf16_copies(src, dst, names):
+    """Each adapter with its tensors rounded to bfloat16 and back (float32 files)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    for name in names:
+        shutil.copytree(src / name, dst / name)
+        path = dst / name / "adapter_model.safetensors"
+        save_file({k: v.to(torch.bfloat16).float() for k, v in load_file(str(path)).items()}, str(path))
+    return dst
+
+
+def test_bf16_slots_equal_peft_on_bf16_rounded_adapters_nf4(setup, tmp_path):
+    """The bfloat16 slots compute exactly the bf16-rounded adapters (every scale here is a
+    power of two, so rounding B' = scale * B equals scaling the rounded B): the exact path's
+    1e-3 bound against PEFT on rounded copies."""
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    ref = HFLlama.from_pretrained(str(setup / "base"), quantization_config=bnb, dtype=torch.float32,
+                                  device_map="cpu").eval()
+    bnb_exact(ref)
+    rounded = _bf16_copies(setup / "adapters", tmp_path, ADAPTERS)
+    model, store = _check(setup / "base", setup / "adapters", "nf4", ref, ROWS, LENGTHS, 128, 1e-3, 1e-3,
+                          lora_dtype="bfloat16", ref_adapters_dir=rounded)
+    assert all(m.slots.a.dtype == torch.bfloat16 for m in model.lora_linears().values())
+
+
+def test_bf16_slots_move_logits_by_a_small_part_of_what_the_adapters_do(setup):
+    """Against PEFT on the float32 adapters: rounding A and B to bf16 (relative 2^-9 each)
+    moves each row's logits by at most 2^-5 of what its adapter changes them by (measured
+    1.2e-2 here; on the default model with two r=16 adapters, at most 0.08 of a logit over
+    four steps, greedy tokens unchanged), never near the change itself."""
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    ref = HFLlama.from_pretrained(str(setup / "base"), quantization_config=bnb, dtype=torch.float32,
+                                  device_map="cpu").eval()
+    bnb_exact(ref)
+    names = sorted(ADAPTERS)
+    model, store = _ours(setup / "base", setup / "adapters", "nf4", names, "bfloat16")
+    prompts = random_prompts(LENGTHS, 128, seed=3)
+    steps = _run_ours(model, store, prompts, ROWS)
+    store.close()
+    tokens = [seqs[i] for _, seqs in steps for i in range(len(ROWS))]
+    ours = torch.cat([logits for logits, _ in steps])
+    row_names = ROWS * len(steps)
+    base = _peft_logits(ref, setup / "adapters", None, tokens)
+    worst = 0.0
+    for name in names:
+        sel = [k for k, n in enumerate(row_names) if n == name]
+        want = _peft_logits(ref, setup / "adapters", name, [tokens[k] for k in sel])
+        effect = (want - base[sel]).abs().amax(dim=-1)   # (rows,) what the adapter changes
+        err = (ours[sel] - want).abs().amax(dim=-1)
+        worst = max(worst, (err / effect).max().item())
+    assert worst <= 2 ** -5, f"bf16 slots moved logits by {worst:.2e} of the adapters' own change"
+    assert worst > 0  # the slots really are bf16: rounding moved something

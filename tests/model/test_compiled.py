@@ -153,3 +153,18 @@ def test_the_kernel_ops_are_the_kernels(engine):
     w = engine.model.lm_head_bf16
     assert torch.equal(kernel.bf16_matmul(x[:, :w.shape[1]].contiguous(), w),
                        torch.ops.loraplex.bf16_matmul(x[:, :w.shape[1]].contiguous(), w))
+    norm = engine.model.model.norm
+    h = torch.randn(3, norm.weight.shape[0])
+    assert torch.equal(kernel.rms_norm(h, norm.weight, norm.eps), torch.ops.loraplex.rms_norm(h, norm.weight, norm.eps))
+    gate, up = torch.randn(4, 40), torch.randn(4, 40)
+    assert torch.equal(kernel.silu_mul(gate, up), torch.ops.loraplex.silu_mul(gate, up))
+    attn = engine.model.model.layers[0].self_attn
+    hd, hkv = attn.head_dim, attn.num_kv_heads
+    q, k, v = torch.randn(2, attn.num_heads * hd), torch.randn(2, hkv * hd), torch.randn(2, hkv * hd)
+    cos, sin = torch.randn(2, hd), torch.randn(2, hd)
+    slots = torch.tensor([0, 1])
+    caches = [torch.zeros(1, 2, hkv, hd) for _ in range(4)]
+    direct = kernel.rope_cache(q, k, v, cos, sin, slots, caches[0], caches[1])
+    via_op = torch.ops.loraplex.rope_cache(q, k, v, cos, sin, slots, caches[2], caches[3])
+    assert all(torch.equal(a, b) for a, b in zip(direct, via_op))
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3]) and caches[0].abs().sum() > 0

@@ -178,3 +178,43 @@ def test_corrupt_gguf_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="bad.gguf"):
         _load(bad)
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _slot_dtypes(model) -> set:
+    return {m.slots.a.dtype for m in model.lora_linears().values()} | {m.slots.b.dtype for m in model.lora_linears().values()}
+
+
+def test_lora_slots_are_bf16_for_nf4_on_the_cpu_kernels_and_exact_when_asked(tiny):
+    """auto: bf16 slots for an NF4 float32 model where the CPU kernels run (half the bytes an
+    adapter row reads); float32 slots for a dense model and whenever lora_dtype says so."""
+    folder, _ = tiny
+    nf4 = load_model(EngineConfig(model=str(folder), quantization="nf4", max_loras=2), "cpu", torch.float32)
+    assert _slot_dtypes(nf4) == {torch.bfloat16}
+    exact = load_model(EngineConfig(model=str(folder), quantization="nf4", max_loras=2, lora_dtype="float32"),
+                       "cpu", torch.float32)
+    assert _slot_dtypes(exact) == {torch.float32}
+    dense = load_model(EngineConfig(model=str(folder), quantization="none", max_loras=2), "cpu", torch.float32)
+    assert _slot_dtypes(dense) == {torch.float32}
+    asked = load_model(EngineConfig(model=str(folder), quantization="none", max_loras=2, lora_dtype="bfloat16"),
+                       "cpu", torch.float32)
+    assert _slot_dtypes(asked) == {torch.bfloat16}
+
+
+def test_a_lora_dtype_that_cannot_run_is_refused_with_the_reason(tiny, monkeypatch):
+    folder, _ = tiny
+    with pytest.raises(ModelLoadError, match="lora_dtype float32 needs a float32 model"):
+        load_model(EngineConfig(model=str(folder), quantization="none", lora_dtype="float32"), "cpu", torch.bfloat16)
+    monkeypatch.setattr(loader, "_cpu_kernel", lambda device: None)  # no CPU kernels here
+    with pytest.raises(ModelLoadError, match="lora_dtype bfloat16 needs .* CPU kernels"):
+        load_model(EngineConfig(model=str(folder), quantization="nf4", lora_dtype="bfloat16"), "cpu", torch.float32)
+    auto = load_model(EngineConfig(model=str(folder), quantization="nf4", max_loras=2), "cpu", torch.float32)
+    assert _slot_dtypes(auto) == {torch.float32}  # auto falls back to the exact slots
+    from server.config import ConfigError
+    with pytest.raises(ConfigError, match="lora_dtype must be one of"):
+        EngineConfig(lora_dtype="float16")
+
+
+def test_the_cli_passes_lora_dtype_through():
+    from server.cli import build_parser, engine_config
+    assert engine_config(build_parser().parse_args(["bench", "--lora-dtype", "float32"])).lora_dtype == "float32"
+    assert engine_config(build_parser().parse_args(["bench"])).lora_dtype == "auto"
