@@ -74,19 +74,24 @@ def _cpu_kernel(device: torch.device):
         return None
 
 
+def _wants_bf16(option: str, wanted: str, fits: bool, need: str, config: EngineConfig) -> bool:
+    """Whether a weight `option` (lm_head_dtype, lora_dtype) set to `wanted` takes bfloat16:
+    asked for, or auto on an NF4 model where it `fits` (a float32 model on the CPU kernels);
+    raises ModelLoadError saying `need` when it is asked for and does not fit."""
+    if wanted == "bfloat16" and not fits:
+        raise ModelLoadError(f"{option} bfloat16 needs {need}")
+    return wanted == "bfloat16" or (wanted == "auto" and config.quantization == "nf4" and fits)
+
+
 def _choose_lm_head(model: LlamaForCausalLM, config: EngineConfig, kernel, dtype: torch.dtype) -> None:
     """bf16 LM head weights through the CPU kernel where config.lm_head_dtype asks for it
     (auto: an NF4 float32 model on a CPU with the kernels; a dense model keeps the exact
     head its user chose); otherwise lm_head in `dtype`."""
-    wanted = config.lm_head_dtype
     fits = kernel is not None and dtype == torch.float32 and model.arch.hidden_size % 16 == 0
-    if wanted == "bfloat16" and not fits:
-        raise ModelLoadError("lm_head_dtype bfloat16 needs a float32 model on a CPU with the CPU kernels "
-                             f"and hidden_size % 16 == 0; this one is {str(dtype).replace('torch.', '')}, "
-                             f"hidden_size {model.arch.hidden_size}, kernels {'loaded' if kernel else 'unavailable'}")
-    if wanted == "float32" and dtype != torch.float32:
-        raise ModelLoadError(f"lora_dtype float32 needs a float32 model; this one is {str(dtype).replace('torch.', '')}")
-    if wanted == "bfloat16" or (wanted == "auto" and config.quantization == "nf4" and fits):
+    need = (f"a float32 model on a CPU with the CPU kernels and hidden_size % 16 == 0; this one is "
+            f"{str(dtype).replace('torch.', '')}, hidden_size {model.arch.hidden_size}, "
+            f"kernels {'loaded' if kernel else 'unavailable'}")
+    if _wants_bf16("lm_head_dtype", config.lm_head_dtype, fits, need, config):
         model.set_lm_head_bf16(kernel)
         log.info("LM head: bfloat16 weights, float32 activations and sums (CPU kernel)")
 
@@ -94,17 +99,14 @@ def _choose_lm_head(model: LlamaForCausalLM, config: EngineConfig, kernel, dtype
 def _lora_storage(model: LlamaForCausalLM, config: EngineConfig, kernel, dtype: torch.dtype) -> torch.dtype:
     """The adapters' slot dtype as config.lora_dtype asks (auto: bfloat16 for an NF4 float32
     model on a CPU with the kernels, where every LoRA linear's shapes fit the kernel's rows;
-    otherwise the model dtype)."""
-    wanted = config.lora_dtype
+    otherwise the model dtype; float32 only for a float32 model)."""
     fits = kernel is not None and dtype == torch.float32 and all(
         m.in_features % 16 == 0 and m.out_features % 16 == 0 for m in model.lora_linears().values())
-    if wanted == "bfloat16" and not fits:
-        raise ModelLoadError("lora_dtype bfloat16 needs a float32 model on a CPU with the CPU kernels and "
-                             f"every LoRA linear's sizes a multiple of 16; this one is "
-                             f"{str(dtype).replace('torch.', '')}, kernels {'loaded' if kernel else 'unavailable'}")
-    if wanted == "float32" and dtype != torch.float32:
+    need = (f"a float32 model on a CPU with the CPU kernels and every LoRA linear's sizes a multiple of 16; "
+            f"this one is {str(dtype).replace('torch.', '')}, kernels {'loaded' if kernel else 'unavailable'}")
+    if config.lora_dtype == "float32" and dtype != torch.float32:
         raise ModelLoadError(f"lora_dtype float32 needs a float32 model; this one is {str(dtype).replace('torch.', '')}")
-    if wanted == "bfloat16" or (wanted == "auto" and config.quantization == "nf4" and fits):
+    if _wants_bf16("lora_dtype", config.lora_dtype, fits, need, config):
         log.info("LoRA slots: bfloat16 A and B, float32 activations and sums (CPU kernel)")
         return torch.bfloat16
     return dtype

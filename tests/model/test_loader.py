@@ -218,3 +218,12 @@ def test_the_cli_passes_lora_dtype_through():
     from server.cli import build_parser, engine_config
     assert engine_config(build_parser().parse_args(["bench", "--lora-dtype", "float32"])).lora_dtype == "float32"
     assert engine_config(build_parser().parse_args(["bench"])).lora_dtype == "auto"
+
+
+def test_a_bfloat16_model_keeps_its_dtype_for_the_head_and_the_slots(tiny):
+    """lm_head_dtype float32 on a bf16 model keeps the head in the model dtype (as before);
+    lora_dtype auto gives its slots the model dtype; neither refuses."""
+    folder, _ = tiny
+    model = load_model(EngineConfig(model=str(folder), quantization="none", lm_head_dtype="float32", max_loras=2),
+                       "cpu", torch.bfloat16)
+    assert model.lm_head_bf16 is None and _slot_dtypes(model) == {torch.bfloat16}
