@@ -15,7 +15,7 @@ Why a small C library and not the alternatives:
   (rather than writing the dense weight, 8x the bytes of the codes) is not something this
   library controls. The compiled decode step calls these kernels as ops (server/cpu_ops.py).
 - A torch C++ extension would work too, but it compiles against torch's headers, which
-  takes far longer than these plain C files with intrinsics (about two seconds with gcc).
+  takes far longer than these plain C files with intrinsics (a few seconds with gcc).
 
 The point-wise ops exist because, once the matmuls ran near their arithmetic, the chains of
 small torch ops between them were a fifth of the step: RMSNorm is eight ops, rotary and the
