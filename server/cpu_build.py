@@ -57,7 +57,6 @@ class KernelUnavailable(RuntimeError):
     """The CPU kernels cannot run here; the message says why."""
 
 
-
 def cpu_flags() -> list[str]:
     """The CPU's feature flags from /proc/cpuinfo, or [] where it cannot be read."""
     try:

@@ -237,7 +237,8 @@ def _load(isa: str | None) -> CpuKernel | KernelUnavailable:
     lib.silu_mul_f32.argtypes = [p, i64, p, i64, i64, i64, p, ctypes.c_int]
     lib.argmax_rows_f32.argtypes = [p, i64, i64, i64, p]
     for fn in (lib.nf4_matmul_f32, lib.nf4_dequant_f32, lib.bf16_matmul_f32, lib.paged_decode_attention_f32,
-               lib.lora_rows_f32, lib.lora_rows_bf16, lib.rms_norm_f32, lib.rope_cache_f32, lib.silu_mul_f32, lib.argmax_rows_f32):
+               lib.lora_rows_f32, lib.lora_rows_bf16, lib.rms_norm_f32, lib.rope_cache_f32, lib.silu_mul_f32,
+               lib.argmax_rows_f32):
         fn.restype = ctypes.c_int
     return CpuKernel(lib, path, isa, torch.get_num_threads())
 

@@ -62,7 +62,8 @@ def _rms_norm(x, weight, eps):
 
 @torch.library.impl(_LIB, "rope_cache", "CPU")
 def _rope_cache(q, k, v, cos, sin, slots, k_cache, v_cache):
-    return load().rope_cache(_rows(q), _rows(k), _rows(v), cos.contiguous(), sin.contiguous(), slots.contiguous(), k_cache, v_cache)
+    return load().rope_cache(_rows(q), _rows(k), _rows(v), cos.contiguous(), sin.contiguous(), slots.contiguous(),
+                             k_cache, v_cache)
 
 
 @torch.library.impl(_LIB, "silu_mul", "CPU")

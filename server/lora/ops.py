@@ -118,9 +118,7 @@ def apply_cpu_kernel(kernel, x: torch.Tensor, a_stack: torch.Tensor, b_stack: to
     fits = (x.shape[1] % 16 == 0 and y.shape[1] % 16 == 0 and a_stack.is_contiguous() and bt.is_contiguous()
             and x.stride(1) == 1 and y.stride(1) == 1 and x.dtype == y.dtype == torch.float32
             and a_stack.dtype in (torch.float32, torch.bfloat16))
-    if not fits:
-        if a_stack.dtype != x.dtype:  # bf16 slots (EngineConfig.lora_dtype) widened exactly
-            a_stack, b_stack = a_stack.to(x.dtype), b_stack.to(x.dtype)
+    if not fits:  # float32 slots only: bf16 ones are chosen where every linear fits (loader._lora_storage)
         return apply(x, a_stack, b_stack, lora, y)
     return kernel.lora_rows(x, a_stack, bt, lora.token_slots, lora.row_ranks(), y)  # (T, d_out) in place
 

@@ -6,8 +6,9 @@ One code path: the step is `LlamaForCausalLM.run`, the same function the eager s
 layers share that one compiled function (their weights are its inputs), so compiling costs
 one layer's trace, not thirty. The project's CPU kernels (server/cpu_ops.py: the matmuls,
 attention, and the point-wise RMSNorm, rotary + K/V write and SiLU·up) are opaque ops inside
-it; Inductor fuses what is left between them (the residual adds). On CUDA it compiles with `mode="reduce-overhead"`: each layer replays
-as a CUDA graph (the slot buffers and the KV cache never move, so addresses stay valid).
+it; Inductor fuses what is left between them (the residual adds). On CUDA it compiles with
+`mode="reduce-overhead"`: each layer replays as a CUDA graph (the slot buffers and the KV
+cache never move, so addresses stay valid).
 
 Shapes: the batch axis and the block-table width are marked unbacked while warm_up traces,
 so one graph takes any size, 1 included (one sequence; a context in one block), while the

@@ -105,7 +105,8 @@ def _lora_storage(model: LlamaForCausalLM, config: EngineConfig, kernel, dtype: 
     need = (f"a float32 model on a CPU with the CPU kernels and every LoRA linear's sizes a multiple of 16; "
             f"this one is {str(dtype).replace('torch.', '')}, kernels {'loaded' if kernel else 'unavailable'}")
     if config.lora_dtype == "float32" and dtype != torch.float32:
-        raise ModelLoadError(f"lora_dtype float32 needs a float32 model; this one is {str(dtype).replace('torch.', '')}")
+        raise ModelLoadError("lora_dtype float32 needs a float32 model; this one is "
+                             f"{str(dtype).replace('torch.', '')}")
     if _wants_bf16("lora_dtype", config.lora_dtype, fits, need, config):
         log.info("LoRA slots: bfloat16 A and B, float32 activations and sums (CPU kernel)")
         return torch.bfloat16

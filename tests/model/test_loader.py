@@ -181,7 +181,8 @@ def test_corrupt_gguf_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def _slot_dtypes(model) -> set:
-    return {m.slots.a.dtype for m in model.lora_linears().values()} | {m.slots.b.dtype for m in model.lora_linears().values()}
+    slots = [m.slots for m in model.lora_linears().values()]
+    return {s.a.dtype for s in slots} | {s.b.dtype for s in slots}
 
 
 def test_lora_slots_are_bf16_for_nf4_on_the_cpu_kernels_and_exact_when_asked(tiny):
